@@ -1,0 +1,1 @@
+"""Transaction-aware mail delivery with a durable Maildir queue."""

@@ -1,0 +1,377 @@
+"""The contracts of mailoutbox.
+
+How mail leaves an application:
+
+- The application looks up an :class:`IMailDelivery` utility and calls its
+  ``send()`` inside a transaction.  It gets back the message's Message-Id, which
+  it can use to follow the message through :class:`IMailEvent` events.
+
+- The delivery joins the transaction as a data manager.  If the transaction
+  aborts, nothing is sent and nothing is left on disk.  If it commits, the
+  message is either sent at once (:class:`IDirectMailDelivery`) or written
+  durably into a Maildir queue (:class:`IQueuedMailDelivery`).
+
+- An :class:`IMailQueueProcessor` (a thread in the application, or the
+  ``mailoutbox run`` command) drains the queue through an :class:`IMailer`
+  and reports every outcome as an :class:`IMailSentEvent` or
+  :class:`IMailErrorEvent` through ``zope.event``.
+
+The names and attributes of the original zope.sendmail interfaces are kept, so
+code written against ``zope.sendmail.interfaces`` works after an import rename.
+What mailoutbox adds is marked ``.. versionadded:: 0.1``.
+
+The exceptions raised by mailers are defined in :mod:`mailoutbox.errors`.
+"""
+from __future__ import annotations
+
+from zope.interface import Attribute
+from zope.interface import Interface
+from zope.schema import Bool
+from zope.schema import Dict
+from zope.schema import Float
+from zope.schema import Int
+from zope.schema import Password
+from zope.schema import TextLine
+
+
+__all__ = [
+    "IDirectMailDelivery",
+    "IMailDelivery",
+    "IMailErrorEvent",
+    "IMailEvent",
+    "IMailQueueProcessor",
+    "IMailSentEvent",
+    "IMailer",
+    "IMaildir",
+    "IMaildirFactory",
+    "IMaildirMessageWriter",
+    "IQueuedMailDelivery",
+    "ISMTPMailer",
+    "ISendmailMailer",
+]
+
+
+class IMailDelivery(Interface):
+    """A utility that sends mail as part of a transaction."""
+
+    def send(fromaddr, toaddrs, message):
+        """Send *message* from *fromaddr* to every address in *toaddrs*.
+
+        *fromaddr* is the envelope sender, a ``str``.  *toaddrs* is a
+        sequence (not a single string) of one or more envelope recipients.
+        Each address is either a bare addr-spec (``jane@example.org``) or an
+        address with a display name (``"Doe, Jane" <jane@example.org>``); only
+        the addr-spec is used in the SMTP envelope.
+
+        *message* is the whole message, headers and body, as ``bytes``, as
+        ``str`` (encoded as UTF-8) or as an :class:`email.message.Message`.
+        It must have a blank line between headers and body (a message with
+        headers only must end with one).
+
+        If the message has no ``Message-Id`` header, a globally unique one is
+        generated and added; an existing one is kept.  Returns the Message-Id
+        without its angle brackets.
+
+        The message is sent (or queued) only if the current transaction of
+        the delivery's transaction manager commits.
+
+        Raises :class:`ValueError` or :class:`TypeError`, with nothing joined
+        to the transaction and nothing written, when: *toaddrs* is empty or is
+        a single string; any address contains CR, LF or NUL or is not a valid
+        address; the message has no header/body separation; the existing
+        ``Message-Id`` header is malformed.
+        """
+
+
+class IDirectMailDelivery(IMailDelivery):
+    """A delivery that sends messages synchronously when the transaction
+    commits.
+
+    The SMTP connection is opened and verified when the transaction votes
+    (``tpc_vote``), so an unreachable server aborts the transaction.  The
+    messages are sent in ``tpc_finish``; a failure there is logged and
+    reported as an :class:`IMailErrorEvent`, never raised.  Events are
+    dispatched after the transaction has completed.
+    """
+
+    mailer = Attribute("The IMailer used to send the messages.")
+
+
+class IQueuedMailDelivery(IMailDelivery):
+    """A delivery that writes messages into a Maildir queue.
+
+    When ``commit()`` of the transaction returns, the message is on disk and
+    survives a crash or a power loss.  A separate :class:`IMailQueueProcessor`
+    sends it.
+    """
+
+    queuePath = TextLine(
+        title="Queue path",
+        description="Path of the Maildir directory used to queue mail.",
+    )
+
+
+class IMailQueueProcessor(Interface):
+    """Delivers the messages of a queue asynchronously."""
+
+    queuePath = TextLine(
+        title="Queue path",
+        description="Path of the Maildir directory used to queue mail.",
+    )
+
+    pollingInterval = Int(
+        title="Polling interval",
+        description="How often the queue is checked for new messages"
+        " (in milliseconds).",
+        default=3000,
+    )
+
+    mailer = Attribute("The IMailer used to send the messages.")
+
+
+class IMailer(Interface):
+    """Sends a message synchronously."""
+
+    def send(fromaddr, toaddrs, message):
+        """Send *message* (``bytes``, headers and body) now.
+
+        *fromaddr* is the envelope sender and *toaddrs* a sequence of
+        envelope recipients; either may carry display names, which are
+        dropped from the envelope.
+
+        Returns a mapping of the recipients the server refused while it
+        accepted the message for others, ``{address: (code, text)}``; it is
+        empty when every recipient was accepted.  (zope.sendmail's mailers
+        return ``None``; callers treat ``None`` as "no refusals".)
+
+        Raises a :class:`mailoutbox.errors.MailError` when the message was
+        not accepted for any recipient: a
+        :class:`~mailoutbox.errors.TransientMailError` when trying again
+        later may succeed (4xx replies, connection problems, timeouts), a
+        :class:`~mailoutbox.errors.PermanentMailError` when it will not (5xx
+        replies, every recipient refused permanently).
+
+        .. versionchanged:: 0.1
+           Returns the refused recipients and raises classified errors.
+        """
+
+    def vote(fromaddr, toaddrs, message):
+        """Raise an exception if there is a known reason why the message
+        cannot be sent, e.g. the server cannot be reached.
+
+        An SMTP mailer opens and verifies its connection here; the following
+        ``send()`` uses it.
+        """
+
+    def abort():
+        """Forget about the message whose ``vote()`` succeeded, closing any
+        connection opened for it."""
+
+
+class ISMTPMailer(IMailer):
+    """A mailer that hands messages to a relay host over SMTP."""
+
+    hostname = TextLine(
+        title="Hostname",
+        description="Name of the SMTP server.",
+        default="localhost",
+    )
+
+    port = Int(
+        title="Port",
+        description="Port of the SMTP service.",
+        default=25,
+    )
+
+    username = TextLine(
+        title="Username",
+        description="Username used for optional SMTP authentication.",
+        required=False,
+    )
+
+    password = Password(
+        title="Password",
+        description="Password used for optional SMTP authentication."
+        " Never logged or shown.",
+        required=False,
+    )
+
+    no_tls = Bool(
+        title="No TLS",
+        description="Never use TLS, even when the server offers STARTTLS.",
+        default=False,
+    )
+
+    force_tls = Bool(
+        title="Force TLS",
+        description="Refuse to send a message unless the connection is"
+        " encrypted.",
+        default=False,
+    )
+
+    implicit_tls = Bool(
+        title="Implicit TLS",
+        description="Speak TLS from the first byte of the connection"
+        " (SMTPS, usually port 465). no_tls and force_tls do not apply.",
+        default=False,
+    )
+
+    timeout = Float(
+        title="Timeout",
+        description="Timeout in seconds for each blocking operation on the"
+        " connection (connect, greeting, each command, TLS handshake).",
+        required=False,
+        default=10.0,
+    )
+
+    ca_file = TextLine(
+        title="CA file",
+        description="A PEM file of certificate authorities trusted for the"
+        " server's certificate, for private relays. The system's"
+        " authorities are used when it is not set.  Certificates and host"
+        " names are always verified unless an ssl_context that does not"
+        " verify them is given.\n\n.. versionadded:: 0.1",
+        required=False,
+    )
+
+    ssl_context = Attribute(
+        "The ssl.SSLContext used for STARTTLS and implicit TLS."
+        "\n\n.. versionadded:: 0.1"
+    )
+
+    def close():
+        """Close the connections this mailer keeps open for reuse.
+
+        .. versionadded:: 0.1
+        """
+
+
+class ISendmailMailer(IMailer):
+    """A mailer that hands messages to a local sendmail-compatible program.
+
+    The program is called as ``PROGRAM -i -f FROM -- RCPT...`` with the
+    message on its standard input.  A non-zero exit status is an error;
+    ``EX_TEMPFAIL`` (75) and other "try again" statuses are transient.
+
+    .. versionadded:: 0.1
+    """
+
+    command = TextLine(
+        title="Command",
+        description="Path of the sendmail-compatible program.",
+        default="/usr/sbin/sendmail",
+    )
+
+
+class IMailEvent(Interface):
+    """Something happened to a message."""
+
+    messageId = TextLine(
+        title="Message Id",
+        description="The Message-Id of the message, without angle brackets.",
+    )
+
+
+class IMailSentEvent(IMailEvent):
+    """The message was accepted by the server for at least one recipient."""
+
+    refused = Dict(
+        title="Refused recipients",
+        description="The recipients the server refused although it accepted"
+        " the message for others, as {address: (code, text)}."
+        "\n\n.. versionadded:: 0.1",
+        required=False,
+    )
+
+
+class IMailErrorEvent(IMailEvent):
+    """The message could not be sent (now, or ever)."""
+
+    errorMessage = TextLine(
+        title="Error message",
+        description="A description of the error, with the SMTP code and"
+        " text when there was a reply.",
+    )
+
+    permanent = Bool(
+        title="Permanent",
+        description="True when the message will not be tried again (it was"
+        " moved to the failed area, or was sent directly); False when it"
+        " stays queued and will be retried.\n\n.. versionadded:: 0.1",
+        default=False,
+    )
+
+    code = Int(
+        title="SMTP code",
+        description="The SMTP reply code, if the failure was a reply."
+        "\n\n.. versionadded:: 0.1",
+        required=False,
+    )
+
+    refused = Dict(
+        title="Refused recipients",
+        description="The recipients refused by the server, as"
+        " {address: (code, text)}.\n\n.. versionadded:: 0.1",
+        required=False,
+    )
+
+
+class IMaildirFactory(Interface):
+    """Opens Maildir folders."""
+
+    def __call__(dirname, create=False):
+        """Open the Maildir folder at path *dirname*.
+
+        With *create* true, the folder (and its ``tmp``, ``new`` and ``cur``
+        subdirectories) is created with mode 0700 when it does not exist.
+        Otherwise, or when *dirname* exists but is not a Maildir folder,
+        :class:`ValueError` is raised.
+        """
+
+
+class IMaildir(Interface):
+    """Read and write access to a Maildir folder used as a mail queue.
+
+    The layout and every state a message file can be in are described in the
+    documentation chapter "The queue on disk".
+    """
+
+    path = TextLine(title="Path", description="Path of the folder.")
+
+    def __iter__():
+        """Iterate over the paths of the queued messages, oldest first.
+
+        Files whose names start with a dot are skipped, as the Maildir
+        specification asks of readers.
+        """
+
+    def newMessage():
+        """Start a new message in ``tmp/`` and return an
+        :class:`IMaildirMessageWriter` for it."""
+
+
+class IMaildirMessageWriter(Interface):
+    """A file-like object for a new message in a Maildir."""
+
+    def write(data):
+        """Write *data* (``bytes``, or ``str`` encoded as UTF-8)."""
+
+    def writelines(lines):
+        """Write each item of the iterable *lines*; no separators are added."""
+
+    def close():
+        """Close the file.  May be called more than once."""
+
+    def commit():
+        """Deliver the message into ``new/``, durably.
+
+        The data is flushed and fsynced, the file closed and renamed from
+        ``tmp/`` into ``new/``, and ``new/`` is fsynced: when ``commit()``
+        returns the message survives a crash or power loss.  Calling it
+        again does nothing; calling it after ``abort()`` raises
+        :class:`RuntimeError`.
+        """
+
+    def abort():
+        """Close and remove the file from ``tmp/``.  Calling it again, or
+        after ``commit()``, does nothing."""

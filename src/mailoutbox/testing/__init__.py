@@ -1,0 +1,1 @@
+"""Helpers for testing applications that send mail with mailoutbox."""

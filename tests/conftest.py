@@ -1,0 +1,38 @@
+"""Fixtures shared by the test suite: real SMTP servers and queue folders."""
+from __future__ import annotations
+
+import pytest
+
+from mailoutbox.testing.smtpd import SMTPServer
+
+from .certs import make_certificates
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory):
+    """A private CA and a server certificate for 127.0.0.1/localhost."""
+    return make_certificates(str(tmp_path_factory.mktemp("certs")))
+
+
+@pytest.fixture
+def smtp_server():
+    """A plain SMTP server on 127.0.0.1 (no TLS, no AUTH)."""
+    with SMTPServer() as server:
+        yield server
+
+
+@pytest.fixture
+def tls_server(certificates):
+    """An SMTP server offering STARTTLS with a certificate of the test CA,
+    and AUTH (user ``alice``, password ``s3cret-pw``) after TLS."""
+    with SMTPServer(
+        tls_context=certificates.server_context(),
+        users={"alice": "s3cret-pw"},
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def queue_path(tmp_path):
+    """A path for a queue folder that does not exist yet."""
+    return str(tmp_path / "queue")
