@@ -1,0 +1,66 @@
+"""The envelope lines at the top of every queue file.
+
+A queue file is::
+
+    X-Zope-From: SENDER\\n
+    X-Zope-To: RECIPIENT, RECIPIENT, ...\\n
+    MESSAGE
+
+exactly as zope.sendmail writes and reads it.  Recipients are joined with
+``", "`` and split with :func:`email.utils.getaddresses`, so display names
+containing commas must be quoted (``"Doe, Jane" <jane@example.org>``);
+:func:`format_envelope` quotes them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from email.utils import formataddr
+from email.utils import getaddresses
+from email.utils import parseaddr
+
+
+__all__ = ["format_envelope", "parse_queue_file"]
+
+FROM_PREFIX = b"X-Zope-From: "
+TO_PREFIX = b"X-Zope-To: "
+
+
+def _normalize(address: str) -> str:
+    name, addr = parseaddr(address)
+    return formataddr((name, addr)) if name else addr
+
+
+def format_envelope(fromaddr: str, toaddrs: Sequence[str]) -> bytes:
+    """The two envelope lines for a queue file (addresses must have been
+    validated: no CR, LF or NUL)."""
+    to = ", ".join(_normalize(a) for a in toaddrs)
+    return b"%s%s\n%s%s\n" % (
+        FROM_PREFIX, fromaddr.encode("utf-8"), TO_PREFIX, to.encode("utf-8")
+    )
+
+
+def parse_queue_file(data: bytes) -> tuple[str, tuple[str, ...], bytes]:
+    """Split a queue file into ``(fromaddr, toaddrs, message)``.
+
+    Raises :class:`ValueError` when the envelope lines are missing or name
+    no recipient.
+    """
+    try:
+        first, second, message = data.split(b"\n", 2)
+    except ValueError:
+        raise ValueError("queue file is too short to hold the envelope") from None
+    if not first.startswith(FROM_PREFIX) or not second.startswith(TO_PREFIX):
+        raise ValueError("queue file does not start with the envelope lines")
+    try:
+        fromaddr = first[len(FROM_PREFIX):].decode("utf-8")
+        to = second[len(TO_PREFIX):].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("envelope lines are not UTF-8") from None
+    toaddrs = tuple(
+        formataddr((name, addr)) if name else addr
+        for name, addr in getaddresses([to])
+        if addr
+    )
+    if not toaddrs:
+        raise ValueError("envelope names no recipient")
+    return fromaddr.strip(), toaddrs, message

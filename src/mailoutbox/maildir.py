@@ -1,0 +1,532 @@
+"""The queue on disk: a Maildir folder and the states of its messages.
+
+This module is the only code that moves message files.  The protocol is
+described in the documentation chapter "The queue on disk"; in short::
+
+    tmp/NAME              being written by a transaction (not yet queued)
+    new/NAME, cur/NAME    queued
+      + .sending-NAME     claimed by a processor (hard link to NAME; its
+                          mtime is the claim's lease, renewed while sending)
+      + .retry-NAME       deferred: retry state (JSON); its mtime is the
+                          time of the next attempt
+      .rejected-NAME      rejected by zope.sendmail (adopted into failed/)
+    failed/NAME           failed permanently
+      + .reason-NAME      why (JSON)
+
+Queue files begin with the two envelope lines zope.sendmail writes
+(``X-Zope-From:`` and ``X-Zope-To:``), so zope.sendmail and mailoutbox can
+drain each other's queues; the claim file is zope.sendmail's too, so the two
+never send the same message at once.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+from zope.interface import implementer
+from zope.interface import provider
+
+from mailoutbox.interfaces import IMaildir
+from mailoutbox.interfaces import IMaildirFactory
+from mailoutbox.interfaces import IMaildirMessageWriter
+
+
+__all__ = [
+    "CLAIM_PREFIX",
+    "DEFAULT_LEASE",
+    "FAILED",
+    "QUEUE_FOLDERS",
+    "Claim",
+    "Entry",
+    "Maildir",
+    "MaildirMessageWriter",
+    "Scan",
+]
+
+QUEUE_FOLDERS = ("new", "cur")
+FAILED = "failed"
+CLAIM_PREFIX = ".sending-"
+RETRY_PREFIX = ".retry-"
+REASON_PREFIX = ".reason-"
+REJECTED_PREFIX = ".rejected-"
+#: Seconds after which a claim that was not renewed is taken to belong to
+#: a dead processor and may be broken.
+DEFAULT_LEASE = 30.0
+#: Seconds after which a file left in ``tmp/`` by a crashed writer is removed
+#: (the Maildir specification's 36 hours).
+TMP_MAX_AGE = 36 * 3600.0
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory *path* durable."""
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> bool:
+    """Remove *path*; return False if it did not exist."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class _Names:
+    """Unique, time-ordered file names (``SECONDS.MusecPpidQnRrand.host``)."""
+
+    def __init__(self) -> None:
+        self.counter = 0
+        self.host = (
+            socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+        )
+
+    def __call__(self) -> str:
+        self.counter += 1
+        now = time.time()
+        seconds = int(now)
+        return "%d.M%06dP%dQ%dR%s.%s" % (
+            seconds,
+            int((now - seconds) * 1e6),
+            os.getpid(),
+            self.counter,
+            secrets.token_hex(4),
+            self.host,
+        )
+
+
+_new_name = _Names()
+
+
+def _write_json_atomically(tmp_dir: str, path: str, data: dict[str, Any],
+                           mtime: float | None = None) -> None:
+    temp = os.path.join(tmp_dir, ".state-" + secrets.token_hex(8))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    try:
+        os.write(fd, json.dumps(data, sort_keys=True).encode())
+    finally:
+        os.close(fd)
+    if mtime is not None:
+        os.utime(temp, (mtime, mtime))
+    os.replace(temp, path)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read() or b"{}")
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A message file in one of the queue's folders."""
+
+    folder: str  # absolute path of new/, cur/ or failed/
+    name: str
+    regular: bool = True  # False for directories, symlinks, devices...
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, self.name)
+
+    def sidecar(self, prefix: str) -> str:
+        return os.path.join(self.folder, prefix + self.name)
+
+
+@dataclass
+class Scan:
+    """What one listing of the queue folders found, oldest message first."""
+
+    entries: list[Entry] = field(default_factory=list)
+    #: name -> time of the next attempt, for deferred messages
+    retry_at: dict[str, float] = field(default_factory=dict)
+    #: names with a claim file
+    claimed: set[str] = field(default_factory=set)
+    #: dot-files the processor may need to tidy up: (folder, name)
+    dotfiles: list[tuple[str, str]] = field(default_factory=list)
+
+
+@provider(IMaildirFactory)
+@implementer(IMaildir)
+class Maildir:
+    """See :class:`mailoutbox.interfaces.IMaildir`."""
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.tmp = os.path.join(self.path, "tmp")
+        self.new = os.path.join(self.path, "new")
+        self.cur = os.path.join(self.path, "cur")
+        self.failed = os.path.join(self.path, FAILED)
+        if create:
+            for folder in (self.path, self.tmp, self.new, self.cur):
+                try:
+                    os.mkdir(folder, _DIR_MODE)
+                except FileExistsError:
+                    pass
+        if not all(os.path.isdir(d) for d in (self.tmp, self.new, self.cur)):
+            raise ValueError(f"{self.path} is not a Maildir folder")
+
+    def __repr__(self) -> str:
+        return f"<Maildir {self.path!r}>"
+
+    # -- writing ------------------------------------------------------------
+
+    def newMessage(self) -> MaildirMessageWriter:
+        """See :class:`mailoutbox.interfaces.IMaildir`."""
+        for _attempt in range(100):
+            name = _new_name()
+            path = os.path.join(self.tmp, name)
+            try:
+                fd = os.open(
+                    path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW,
+                    _FILE_MODE,
+                )
+            except FileExistsError:  # pragma: no cover - random part collided
+                continue
+            return MaildirMessageWriter(self, fd, name)
+        raise RuntimeError(  # pragma: no cover - 100 collisions of 32 random bits
+            f"could not create a unique file in {self.tmp}"
+        )
+
+    def sync_new(self) -> None:
+        """fsync ``new/`` so that renames into it are durable."""
+        fsync_dir(self.new)
+
+    # -- reading ------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[str]:
+        """See :class:`mailoutbox.interfaces.IMaildir`."""
+        return iter([entry.path for entry in self.scan().entries])
+
+    def _list(self, folder: str) -> Iterator[os.DirEntry[str]]:
+        try:
+            with os.scandir(folder) as it:
+                yield from it
+        except FileNotFoundError:
+            return
+
+    def scan(self) -> Scan:
+        """List the queue folders once.
+
+        Names starting with a timestamp sort in time order, so the entries
+        are sorted by name (zope.sendmail's names start with a timestamp
+        too).  Deferred messages are in the result with their retry time.
+        """
+        scan = Scan()
+        retry_files = []
+        for folder in (self.new, self.cur):
+            for dirent in self._list(folder):
+                name = dirent.name
+                if name.startswith("."):
+                    if name.startswith(CLAIM_PREFIX):
+                        scan.claimed.add(name[len(CLAIM_PREFIX):])
+                    elif name.startswith(RETRY_PREFIX):
+                        retry_files.append((name[len(RETRY_PREFIX):], dirent))
+                    scan.dotfiles.append((folder, name))
+                    continue
+                regular = dirent.is_file(follow_symlinks=False)
+                scan.entries.append(Entry(folder, name, regular))
+        for name, dirent in retry_files:
+            try:
+                scan.retry_at[name] = dirent.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                pass
+        scan.entries.sort(key=lambda e: e.name)
+        return scan
+
+    def failed_entries(self) -> list[Entry]:
+        """The messages in the failed area, oldest first."""
+        entries = [
+            Entry(self.failed, d.name, d.is_file(follow_symlinks=False))
+            for d in self._list(self.failed)
+            if not d.name.startswith(".")
+        ]
+        entries.sort(key=lambda e: e.name)
+        return entries
+
+    def find(self, name: str) -> Entry | None:
+        """The queued or failed message called *name*, if there is one."""
+        if not name or name.startswith(".") or os.sep in name:
+            return None
+        for folder in (self.new, self.cur, self.failed):
+            if os.path.lexists(os.path.join(folder, name)):
+                return Entry(folder, name)
+        return None
+
+    def reason(self, entry: Entry) -> dict[str, Any] | None:
+        """Why a failed message failed."""
+        return _read_json(entry.sidecar(REASON_PREFIX))
+
+    def retry_state(self, entry: Entry) -> dict[str, Any] | None:
+        """The retry state of a deferred message (None if not deferred)."""
+        return _read_json(entry.sidecar(RETRY_PREFIX))
+
+    # -- claiming -------------------------------------------------------------
+
+    def claim(self, entry: Entry, lease: float = DEFAULT_LEASE) -> Claim | None:
+        """Claim *entry* for sending; None if it is gone or claimed by a
+        live processor.
+
+        A claim whose lease expired (its processor died) is broken first.
+        """
+        claim_path = entry.sidecar(CLAIM_PREFIX)
+        if os.path.lexists(claim_path) and not self._break_stale(
+            claim_path, lease
+        ):
+            return None
+        try:
+            # Start the lease before the claim is visible.  Only done when
+            # no claim exists, so a dead processor's lease is never renewed
+            # by others trying to claim the message.
+            os.utime(entry.path, follow_symlinks=False)
+            os.link(entry.path, claim_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None  # sent or moved by someone else meanwhile
+        except FileExistsError:
+            return None  # claimed by someone else meanwhile
+        return Claim(self, entry, claim_path)
+
+    def _break_stale(self, claim_path: str, lease: float) -> bool:
+        """Remove the claim at *claim_path* if its lease expired.
+
+        The claim is first renamed to a private name and its age checked
+        again, so that a claim renewed (or made anew) in between is put back
+        instead of broken.
+        """
+        try:
+            if time.time() - os.lstat(claim_path).st_mtime <= lease:
+                return False
+            private = claim_path + ".broken-" + secrets.token_hex(4)
+            os.rename(claim_path, private)
+        except FileNotFoundError:
+            return True  # released meanwhile
+        try:
+            stale = time.time() - os.lstat(private).st_mtime > lease
+            if not stale:
+                try:
+                    os.link(private, claim_path, follow_symlinks=False)
+                except FileExistsError:  # pragma: no cover - tight race
+                    pass
+            return stale
+        finally:
+            _unlink(private)
+
+    # -- the failed area and repairs ------------------------------------------
+
+    def _ensure_failed(self) -> None:
+        try:
+            os.mkdir(self.failed, _DIR_MODE)
+        except FileExistsError:
+            pass
+
+    def move_to_failed(self, entry: Entry, reason: dict[str, Any],
+                       name: str | None = None) -> Entry:
+        """Move *entry* (claimed by the caller, or foreign) to the failed
+        area, as *name* (default: its own name), with *reason*; remove its
+        retry state."""
+        self._ensure_failed()
+        target = Entry(self.failed, name or entry.name)
+        _write_json_atomically(self.tmp, target.sidecar(REASON_PREFIX), reason)
+        os.rename(entry.path, target.path)
+        _unlink(entry.sidecar(RETRY_PREFIX))
+        return target
+
+    def requeue(self, entry: Entry) -> Entry:
+        """Put a failed or deferred message back in the queue for an
+        immediate attempt."""
+        if entry.folder == self.failed:
+            target = Entry(self.new, entry.name)
+            os.rename(entry.path, target.path)
+            fsync_dir(self.new)
+            _unlink(entry.sidecar(REASON_PREFIX))
+            return target
+        _unlink(entry.sidecar(RETRY_PREFIX))
+        return entry
+
+    def purge(self, entry: Entry) -> None:
+        """Delete a message and its state files for good."""
+        _unlink(entry.path)
+        for prefix in (RETRY_PREFIX, REASON_PREFIX):
+            _unlink(entry.sidecar(prefix))
+
+    def cleanup(self, scan: Scan, lease: float = DEFAULT_LEASE,
+                now: float | None = None) -> int:
+        """Tidy up after crashes; return how many files were handled.
+
+        Removes files older than 36 hours from ``tmp/`` (left by writers
+        that crashed before ``tpc_finish``: never sent), claims and retry
+        states whose message is gone, and adopts zope.sendmail's
+        ``.rejected-`` files into the failed area.
+        """
+        now = time.time() if now is None else now
+        done = 0
+        names = {(e.folder, e.name) for e in scan.entries}
+        for folder, dotname in scan.dotfiles:
+            path = os.path.join(folder, dotname)
+            if dotname.startswith(REJECTED_PREFIX):
+                self.move_to_failed(
+                    Entry(folder, dotname),
+                    {"error": "rejected by zope.sendmail (no reason recorded)",
+                     "permanent": True, "time": now},
+                    name=dotname[len(REJECTED_PREFIX):],
+                )
+                done += 1
+                continue
+            for prefix in (CLAIM_PREFIX, RETRY_PREFIX):
+                if dotname.startswith(prefix):
+                    base = dotname[len(prefix):]
+                    if (folder, base) not in names and not os.path.lexists(
+                        os.path.join(folder, base)
+                    ):
+                        done += _unlink(path)
+        for dirent in self._list(self.tmp):
+            try:
+                age = now - dirent.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # pragma: no cover - removed meanwhile
+                continue
+            if age > TMP_MAX_AGE:
+                done += _unlink(dirent.path)
+        return done
+
+
+class Claim:
+    """A processor's exclusive hold on one queued message.
+
+    Exactly one of :meth:`complete`, :meth:`defer`, :meth:`fail` or
+    :meth:`release` ends it.  :meth:`renew` extends the lease; call it more
+    often than the lease runs out while sending.
+    """
+
+    def __init__(self, maildir: Maildir, entry: Entry, claim_path: str) -> None:
+        self.maildir = maildir
+        self.entry = entry
+        self.claim_path = claim_path
+
+    def __repr__(self) -> str:
+        return f"<Claim {self.entry.name!r}>"
+
+    def read(self) -> bytes:
+        """The queue file's contents.  Symbolic links are not followed."""
+        fd = os.open(self.entry.path, os.O_RDONLY | _O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def renew(self) -> None:
+        """Extend the lease (touch the claim)."""
+        try:
+            os.utime(self.claim_path, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+
+    def retry_state(self) -> dict[str, Any] | None:
+        return self.maildir.retry_state(self.entry)
+
+    def release(self) -> None:
+        """Give the message back to the queue untouched."""
+        _unlink(self.claim_path)
+
+    def complete(self) -> None:
+        """The message was sent: remove it and its state."""
+        _unlink(self.entry.path)
+        _unlink(self.entry.sidecar(RETRY_PREFIX))
+        _unlink(self.claim_path)
+
+    def defer(self, retry_at: float, state: dict[str, Any]) -> None:
+        """Keep the message queued until *retry_at*, recording *state*."""
+        _write_json_atomically(
+            self.maildir.tmp, self.entry.sidecar(RETRY_PREFIX), state, retry_at
+        )
+        _unlink(self.claim_path)
+
+    def fail(self, reason: dict[str, Any]) -> Entry:
+        """Move the message to the failed area with *reason*."""
+        try:
+            return self.maildir.move_to_failed(self.entry, reason)
+        finally:
+            _unlink(self.claim_path)
+
+
+@implementer(IMaildirMessageWriter)
+class MaildirMessageWriter:
+    """See :class:`mailoutbox.interfaces.IMaildirMessageWriter`.
+
+    Besides the interface, :meth:`sync` does the fallible part of a commit
+    (flush, fsync, close) so that a two-phase commit can do it when voting,
+    and ``commit(fsync_dir=False)`` lets a caller that commits many
+    messages fsync ``new/`` once (:meth:`Maildir.sync_new`).
+    """
+
+    def __init__(self, maildir: Maildir, fd: int, name: str) -> None:
+        self.maildir = maildir
+        self.name = name
+        self.tmp_path = os.path.join(maildir.tmp, name)
+        self.new_path = os.path.join(maildir.new, name)
+        self._file = os.fdopen(fd, "wb")
+        self._synced = False
+        self._committed = False
+        self._aborted = False
+
+    def write(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self._file.write(data)
+
+    def writelines(self, lines: Iterable[bytes | str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def sync(self) -> None:
+        """Flush, fsync and close the file in ``tmp/``."""
+        if self._synced:
+            return
+        if self._aborted:
+            raise RuntimeError("Cannot sync, message already aborted")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+        self._synced = True
+
+    def commit(self, fsync_dir: bool = True) -> None:
+        if self._aborted:
+            raise RuntimeError("Cannot commit, message already aborted")
+        if self._committed:
+            return
+        self.sync()
+        os.rename(self.tmp_path, self.new_path)
+        self._committed = True
+        if fsync_dir:
+            self.maildir.sync_new()
+
+    def abort(self) -> None:
+        if self._committed or self._aborted:
+            return
+        self._aborted = True
+        self._file.close()
+        _unlink(self.tmp_path)
