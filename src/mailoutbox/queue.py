@@ -1,0 +1,429 @@
+"""The queue processor: sends the messages of a Maildir queue.
+
+:class:`QueueProcessorThread` is a drop-in replacement for zope.sendmail's
+thread of the same name.  Each *pass* lists the queue once
+(:meth:`mailoutbox.maildir.Maildir.scan`), tidies up after crashes, and
+hands the messages, oldest first, to a fixed number of worker threads.  A
+worker claims a message, sends it through the mailer and ends the claim with
+one of the outcomes described in the documentation chapter "The queue on
+disk": sent, deferred (transient failure, tried again later according to the
+:class:`~mailoutbox.retry.RetryPolicy`) or failed (permanent failure, moved
+to the failed area).  The thread that started the pass renews the claims of
+the messages in flight, so a slow send is never taken over by another
+processor, while the claims of a processor that died are broken after the
+lease.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import zope.event
+from zope.interface import implementer
+
+from mailoutbox import errors
+from mailoutbox.envelope import parse_queue_file
+from mailoutbox.events import MailErrorEvent
+from mailoutbox.events import MailSentEvent
+from mailoutbox.interfaces import IMailQueueProcessor
+from mailoutbox.maildir import DEFAULT_LEASE
+from mailoutbox.maildir import Claim
+from mailoutbox.maildir import Entry
+from mailoutbox.maildir import Maildir
+from mailoutbox.retry import RetryPolicy
+from mailoutbox.retry import record_failure
+from mailoutbox.workers import DEFERRED
+from mailoutbox.workers import FAILED
+from mailoutbox.workers import SENT
+from mailoutbox.workers import SKIPPED
+from mailoutbox.workers import Pass
+from mailoutbox.workers import ProgressCallback
+from mailoutbox.workers import Stats
+from mailoutbox.workers import WorkerPool
+
+__all__ = ["QueueProcessorThread", "Stats", "message_id_of"]
+
+log = logging.getLogger(__name__)
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MESSAGE_ID = re.compile(
+    rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+)
+#: Only so many bytes are searched for the headers.
+_HEADER_LIMIT = 64 * 1024
+
+
+def message_id_of(message: bytes, default: str) -> str:
+    """The Message-Id of *message* (``bytes``) without angle brackets, or
+    *default* when it has none.  Only the header block is looked at."""
+    head = message[:_HEADER_LIMIT]
+    end = _HEADER_END.search(head)
+    if end is not None:
+        head = head[: end.start()]
+    match = _MESSAGE_ID.search(head)
+    if match is None:
+        return default
+    value = b"".join(match.group(1).split()).strip(b"<>")
+    return value.decode("utf-8", "replace") or default
+
+
+@implementer(IMailQueueProcessor)
+class QueueProcessorThread(threading.Thread):
+    """See :class:`mailoutbox.interfaces.IMailQueueProcessor`.
+
+    *interval* is the time in seconds between two passes over the queue
+    when the processor runs as a thread; *concurrency* the number of
+    messages sent at once (each worker keeps its own connection); *retry*
+    the :class:`~mailoutbox.retry.RetryPolicy`; *lease* how long, in
+    seconds, a claim stays valid without being renewed;
+    *max_messages_per_pass* makes a pass stop after attempting that many
+    messages (the next one starts at once, with a fresh listing).
+    """
+
+    log = log
+    #: Turns exceptions raised by the mailer into MailErrors (a seam).
+    classify = staticmethod(errors.classify)
+    maildir_factory = Maildir
+    mailer: Any = None
+    maildir: Maildir | None = None
+
+    def __init__(self, interval: float = 3.0, *, concurrency: int = 4,
+                 retry: RetryPolicy | None = None, lease: float = DEFAULT_LEASE,
+                 max_messages_per_pass: int | None = None) -> None:
+        super().__init__(name="mailoutbox.queue.QueueProcessorThread", daemon=True)
+        if not (isinstance(concurrency, int) and concurrency >= 1):
+            raise ValueError(
+                f"concurrency must be an integer >= 1, not {concurrency!r}")
+        if not lease > 0:
+            raise ValueError(f"lease must be > 0 seconds, not {lease!r}")
+        if max_messages_per_pass is not None and max_messages_per_pass < 1:
+            raise ValueError("max_messages_per_pass must be None or >= 1")
+        self.interval = interval
+        self.concurrency = concurrency
+        self.retry = RetryPolicy() if retry is None else retry
+        self.lease = lease
+        self.max_messages_per_pass = max_messages_per_pass
+        self._stopping = threading.Event()
+        self._pass_lock = threading.Lock()
+        self._workers: WorkerPool | None = None
+        self._pass_owner: threading.Thread | None = None
+        self._connections_open = False
+
+    # -- configuration (zope.sendmail's API) ----------------------------------
+
+    @property
+    def pollingInterval(self) -> int:
+        return int(self.interval * 1000)
+
+    @pollingInterval.setter
+    def pollingInterval(self, value: int) -> None:
+        self.interval = value / 1000.0
+
+    @property
+    def queuePath(self) -> str | None:
+        return None if self.maildir is None else self.maildir.path
+
+    def setMailer(self, mailer: Any) -> None:
+        self.mailer = mailer
+
+    def setMaildir(self, maildir: Maildir) -> None:
+        self.maildir = maildir
+
+    def setQueuePath(self, path: str) -> None:
+        """Use the Maildir at *path*, creating it if needed."""
+        self.setMaildir(self.maildir_factory(path, create=True))
+
+    # -- life cycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread (after :meth:`setMailer` and :meth:`setQueuePath`)."""
+        self._check_configured()
+        super().start()
+
+    def run(self, forever: bool = True) -> None:
+        """Process the queue every :attr:`interval` seconds until
+        :meth:`stop` is called; with *forever* false, do one pass and
+        return (as zope.sendmail's thread does)."""
+        if forever:
+            atexit.register(self.stop)
+        try:
+            while not self._stopping.is_set():
+                stats = None
+                try:
+                    stats = self.process_queue()
+                except Exception:
+                    self.log.exception("error while processing the queue %s",
+                                       self.queuePath)
+                if not forever:
+                    break
+                if not (stats is not None and stats.limited):
+                    self._stopping.wait(self.interval)
+        finally:
+            if forever:
+                atexit.unregister(self.stop)
+            self._shutdown()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the messages in flight.
+
+        No new message is started.  Returns when the thread has ended (or,
+        if it was not started, when a pass that :meth:`process_queue` runs
+        in another thread has ended), the worker threads are gone and the
+        mailer's connections are closed.  Raises :class:`TimeoutError` if
+        that takes longer than *timeout* seconds.  Called from one of the
+        processor's own threads (an event subscriber, a signal handler
+        interrupting a pass), it only asks for the stop and returns.
+        """
+        self._stopping.set()
+        current = threading.current_thread()
+        workers = self._workers
+        if (current is self or current is self._pass_owner
+                or (workers is not None and current in workers.threads)):
+            return
+        if self.is_alive():
+            self.join(timeout)
+            if self.is_alive():
+                raise TimeoutError(
+                    f"the queue processor did not stop within {timeout} s: a"
+                    " message is still being sent (the mailer's timeout bounds"
+                    " this); call stop() again or give a longer timeout"
+                )
+        else:
+            self._shutdown(timeout)
+
+    def _shutdown(self, timeout: float | None = None) -> None:
+        if not self._pass_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(
+                f"the pass over the queue did not end within {timeout} s"
+                " (a message is still being sent); give a longer timeout"
+            )
+        try:
+            self._shutdown_locked()
+        finally:
+            self._pass_lock.release()
+
+    def _shutdown_locked(self) -> None:
+        """End the worker threads and close the mailer's connections."""
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close()
+        self._close_mailer()
+
+    def _check_configured(self) -> Maildir:
+        if self.mailer is None or self.maildir is None:
+            raise RuntimeError(
+                "the queue processor has no mailer or no queue: call"
+                " setMailer() and setQueuePath() first"
+            )
+        return self.maildir
+
+    def _close_mailer(self) -> None:
+        close = getattr(self.mailer, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                self.log.exception("error while closing the mailer's connections")
+        self._connections_open = False
+
+    # -- one pass -------------------------------------------------------------
+
+    def process_queue(self, now: float | None = None,
+                      on_progress: ProgressCallback | None = None) -> Stats:
+        """Make one pass over the queue and return its :class:`Stats`.
+
+        *now* (seconds since the epoch) replaces the clock for deciding
+        which deferred messages are due and when to try them again.
+        *on_progress* is called as ``on_progress(done, total)`` after each
+        message, from the worker threads, one call at a time.  Call
+        :meth:`stop` when done with the processor: the worker threads and
+        connections are kept for the next pass until then.
+        """
+        maildir = self._check_configured()
+        clock: Callable[[], float] = time.time if now is None else (lambda: now)
+        with self._pass_lock:
+            self._pass_owner = threading.current_thread()
+            try:
+                return self._pass(maildir, clock, on_progress)
+            finally:
+                self._pass_owner = None
+                if self._stopping.is_set():
+                    self._shutdown_locked()
+
+    def _pass(self, maildir: Maildir, clock: Callable[[], float],
+              on_progress: ProgressCallback | None) -> Stats:
+        scan = maildir.scan()
+        try:
+            if maildir.cleanup(scan, self.lease):
+                self.log.info("tidied up after crashes in %s", maildir.path)
+        except Exception:
+            self.log.exception("error while tidying up %s", maildir.path)
+        job = Pass(maildir, scan, clock, self._stopping,
+                   self.max_messages_per_pass, on_progress, self.concurrency)
+        if job.total:
+            if self._workers is None:
+                self._workers = WorkerPool(self.concurrency, self._work, self.name)
+            self._workers.submit(job)
+            try:
+                self._wait_for(job)
+            except BaseException:  # e.g. KeyboardInterrupt in the main thread
+                self._stopping.set()  # start no other message,
+                self._wait_for(job)  # finish those in flight
+                raise
+        stats = job.stats
+        if stats.attempted:
+            self._connections_open = True
+        elif self._connections_open:
+            self._close_mailer()  # idle: do not keep connections open
+        return stats
+
+    def _wait_for(self, job: Pass) -> None:
+        """Wait for the workers to end *job*, renewing the claims of the
+        messages in flight meanwhile (the heartbeat)."""
+        while not job.finished.wait(self.lease / 3):
+            job.renew_claims()
+
+    def _work(self, job: Pass) -> None:
+        while (entry := job.next_entry()) is not None:
+            try:
+                outcome = self._process(job, entry)
+            except Exception:
+                self.log.exception("unexpected error while processing %s", entry.path)
+                outcome = SKIPPED
+            job.record(outcome)
+
+    def _process(self, job: Pass, entry: Entry) -> str:
+        maildir = job.maildir
+        if not entry.regular:
+            return self._reject_foreign(maildir, entry, job.now())
+        claim = maildir.claim(entry, self.lease)
+        if claim is None:
+            return SKIPPED  # claimed by another processor, or gone
+        job.hold(claim)
+        try:
+            return self._send(claim, job.now)
+        finally:
+            job.drop(claim)
+
+    def _send(self, claim: Claim, clock: Callable[[], float]) -> str:
+        """Send the claimed message and end the claim."""
+        name = claim.entry.name
+        try:
+            data = claim.read()
+        except FileNotFoundError:  # removed by hand meanwhile
+            claim.release()
+            return SKIPPED
+        except OSError as exc:  # e.g. replaced by a symbolic link
+            return self._fail(claim, name, f"unreadable queue file: {exc}", clock())
+        except BaseException:
+            claim.release()
+            raise
+        try:
+            fromaddr, toaddrs, message = parse_queue_file(data)
+        except ValueError as exc:
+            return self._fail(claim, message_id_of(data, name),
+                              f"malformed queue file: {exc}", clock())
+        del data  # the message is a copy: keep one in memory
+        message_id = message_id_of(message, name)
+        try:
+            refused = self.mailer.send(fromaddr, toaddrs, message)
+        except Exception as exc:
+            return self._failed_attempt(claim, message_id, exc, clock())
+        except BaseException:
+            claim.release()
+            raise
+        try:
+            claim.complete()
+        except BaseException:
+            self.log.error("sent %s but could not remove %s from the queue: it"
+                           " will be sent again when its claim expires",
+                           message_id, name)
+            raise
+        refused = dict(refused or {})
+        if refused:
+            self.log.warning(
+                "sent %s, but the server refused %s", message_id,
+                ", ".join(f"{a} ({c} {t})" for a, (c, t) in refused.items()))
+        else:
+            self.log.info("sent %s", message_id)
+        self._notify(MailSentEvent(message_id, refused))
+        return SENT
+
+    def _failed_attempt(self, claim: Claim, message_id: str, exc: Exception,
+                        now: float) -> str:
+        """Defer the message, or fail it if the error is permanent or the
+        message has been retried long enough."""
+        try:
+            error = self.classify(exc)
+        except Exception:
+            self.log.exception("could not classify the error sending %s", message_id)
+            error = errors.TransientMailError(f"unclassified error: {exc!r}")
+        state = record_failure(self.retry, claim.retry_state(), now,
+                               code=error.code, error=str(error))
+        if not error.permanent and not state.pop("expired"):
+            claim.defer(state["next_attempt"], state)
+            self.log.warning(
+                "could not send %s (attempt %d), will try again in %.0f s: %s",
+                message_id, state["attempts"], state["next_attempt"] - now, error)
+            self._notify(MailErrorEvent(message_id, str(error), permanent=False,
+                                        code=error.code, refused=error.refused))
+            return DEFERRED
+        text = str(error)
+        if not error.permanent:
+            hours = (now - state["first_attempt"]) / 3600
+            text = (f"expired after {state['attempts']} attempts in"
+                    f" {hours:.1f} h: {text}")
+        return self._fail(claim, message_id, text, now, error=error, state=state)
+
+    def _fail(self, claim: Claim, message_id: str, text: str, now: float, *,
+              error: errors.MailError | None = None,
+              state: dict[str, Any] | None = None) -> str:
+        code = error.code if error is not None else None
+        refused = error.refused if error is not None else {}
+        claim.fail(_reason(message_id, text, now, code, refused, state))
+        self.log.error("moved %s (%s) to the failed area: %s", message_id,
+                       claim.entry.name, text)
+        self._notify(MailErrorEvent(message_id, text, permanent=True, code=code,
+                                    refused=refused))
+        return FAILED
+
+    def _reject_foreign(self, maildir: Maildir, entry: Entry, now: float) -> str:
+        """Move what is not a regular file out of the queue, unclaimed (it
+        cannot be sent, and directories cannot be claimed)."""
+        text = "not a regular file (a directory, a symbolic link or a device)"
+        try:
+            maildir.move_to_failed(entry, _reason(entry.name, text, now))
+        except FileNotFoundError:
+            return SKIPPED  # another processor moved it
+        self.log.error("moved %s to the failed area: %s", entry.name, text)
+        self._notify(MailErrorEvent(entry.name, text, permanent=True))
+        return FAILED
+
+    def _notify(self, event: Any) -> None:
+        try:
+            zope.event.notify(event)
+        except Exception:
+            self.log.exception("an event subscriber failed on %r", event)
+
+
+def _reason(message_id: str, text: str, now: float, code: int | None = None,
+            refused: Mapping[str, Any] | None = None,
+            state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What is recorded next to a message in the failed area."""
+    state = state or {}
+    return {
+        "message_id": message_id,
+        "permanent": True,
+        "code": code,
+        "error": text,
+        "time": now,
+        "attempts": state.get("attempts", 0),
+        "first_attempt": state.get("first_attempt", now),
+        "refused": dict(refused or {}),
+    }

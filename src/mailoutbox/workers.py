@@ -1,0 +1,165 @@
+"""The worker threads of the queue processor, and the state of one pass.
+
+A pass hands the entries of one listing of the queue
+(:class:`mailoutbox.maildir.Scan`) to the workers, oldest first, one at a
+time, and counts what became of them (:class:`Stats`).  The workers are kept
+from pass to pass, so that each keeps its own SMTP connection open while
+the queue is busy.  The claims of the messages in flight are registered with
+the pass, so that one thread can renew them all (the heartbeat).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailoutbox.maildir import Claim
+from mailoutbox.maildir import Entry
+from mailoutbox.maildir import Maildir
+from mailoutbox.maildir import Scan
+
+__all__ = ["DEFERRED", "FAILED", "SENT", "SKIPPED", "Pass", "Stats", "WorkerPool"]
+
+log = logging.getLogger(__name__)
+
+#: The outcomes of a message in a pass (names of :class:`Stats` counters).
+SENT, DEFERRED, FAILED, SKIPPED = "sent", "deferred", "failed", "skipped"
+
+#: ``on_progress(done, total)``: *done* of the *total* messages of the pass
+#: have been handled (sent, deferred, failed or skipped).
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Stats:
+    """What one pass over the queue did."""
+
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    #: not attempted: deferred until later, claimed by another processor,
+    #: gone meanwhile, or an unexpected error (logged)
+    skipped: int = 0
+    #: the pass stopped at ``max_messages_per_pass``: more may be due
+    limited: bool = False
+
+    @property
+    def attempted(self) -> int:
+        """Messages whose state this pass changed."""
+        return self.sent + self.deferred + self.failed
+
+    @property
+    def total(self) -> int:
+        return self.attempted + self.skipped
+
+
+class Pass:
+    """The shared state of one pass: the entries still to hand out, the
+    counts, and the claims in flight."""
+
+    def __init__(self, maildir: Maildir, scan: Scan, now: Callable[[], float],
+                 stopping: threading.Event, limit: int | None,
+                 on_progress: ProgressCallback | None, workers: int) -> None:
+        self.maildir = maildir
+        self.scan = scan
+        self.now = now
+        self.total = len(scan.entries)
+        self.stats = Stats()
+        self.finished = threading.Event()
+        self._stopping = stopping
+        self._limit = limit
+        self._on_progress = on_progress
+        self._index = 0
+        self._handed_out = 0
+        self._done = 0
+        self._workers_left = workers
+        self._lock = threading.Lock()
+        self._in_flight: set[Claim] = set()
+
+    def next_entry(self) -> Entry | None:
+        """The next message to attempt; None when there is none (or the
+        processor is stopping, or the pass reached its limit)."""
+        with self._lock:
+            while self._index < self.total and not self._stopping.is_set():
+                if self._limit is not None and self._handed_out >= self._limit:
+                    self.stats.limited = True
+                    return None
+                entry = self.scan.entries[self._index]
+                self._index += 1
+                retry_at = self.scan.retry_at.get(entry.name)
+                if retry_at is not None and retry_at > self.now():
+                    self._record(SKIPPED)
+                    continue
+                self._handed_out += 1
+                return entry
+            return None
+
+    def record(self, outcome: str) -> None:
+        with self._lock:
+            self._record(outcome)
+
+    def _record(self, outcome: str) -> None:
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        self._done += 1
+        if self._on_progress is not None:
+            try:
+                self._on_progress(self._done, self.total)
+            except Exception:
+                log.exception("the progress callback failed")
+
+    def hold(self, claim: Claim) -> None:
+        with self._lock:
+            self._in_flight.add(claim)
+
+    def drop(self, claim: Claim) -> None:
+        with self._lock:
+            self._in_flight.discard(claim)
+
+    def renew_claims(self) -> None:
+        with self._lock:
+            claims = list(self._in_flight)
+        for claim in claims:
+            claim.renew()
+
+    def worker_done(self) -> None:
+        with self._lock:
+            self._workers_left -= 1
+            if self._workers_left == 0:
+                self.finished.set()
+
+
+class WorkerPool:
+    """Worker threads kept from pass to pass (so that each keeps its own
+    SMTP connection open while the queue is busy)."""
+
+    def __init__(self, count: int, work: Callable[[Pass], None],
+                 name: str) -> None:
+        self._jobs: queue.SimpleQueue[Pass | None] = queue.SimpleQueue()
+        self._work = work
+        self.threads = [
+            threading.Thread(target=self._loop, name=f"{name}-worker-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._work(job)
+            except BaseException:
+                log.exception("unexpected error in a queue worker thread")
+            finally:
+                job.worker_done()
+
+    def submit(self, job: Pass) -> None:
+        for _thread in self.threads:
+            self._jobs.put(job)
+
+    def close(self) -> None:
+        for _thread in self.threads:
+            self._jobs.put(None)
+        for thread in self.threads:
+            thread.join()
