@@ -36,3 +36,29 @@ def tls_server(certificates):
 def queue_path(tmp_path):
     """A path for a queue folder that does not exist yet."""
     return str(tmp_path / "queue")
+
+
+@pytest.fixture
+def smtp_sink(tmp_path):
+    """A function starting Postfix's smtp-sink with the options given (see
+    :mod:`tests.smtpsink`); every sink started is stopped after the test.
+    The test is skipped when smtp-sink is not installed."""
+    import os
+
+    from .smtpsink import SMTP_SINK
+    from .smtpsink import SMTPSink
+
+    if not os.access(SMTP_SINK, os.X_OK):
+        pytest.skip("Postfix's smtp-sink is not installed (apt-get install postfix)")
+    sinks = []
+
+    def start(*options):
+        directory = tmp_path / f"smtp-sink-{len(sinks)}"
+        directory.mkdir()
+        sink = SMTPSink(*options, directory=str(directory))
+        sinks.append(sink)
+        return sink.start()
+
+    yield start
+    for sink in sinks:
+        sink.stop()

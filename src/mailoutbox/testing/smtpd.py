@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 
-
 __all__ = ["ReceivedMessage", "SMTPServer"]
 
 
@@ -30,6 +29,10 @@ class ReceivedMessage:
     smtputf8: bool = False
     tls: bool = False
     login: str | None = None
+    #: The parameters of the MAIL command, e.g. ``["BODY=8BITMIME"]``.
+    mail_options: list[str] = field(default_factory=list)
+    #: The name the client gave in HELO or EHLO.
+    helo: str | None = None
 
     @property
     def message(self) -> email.message.EmailMessage:
@@ -45,7 +48,7 @@ class ReceivedMessage:
 
 @dataclass
 class _Rules:
-    # command name (EHLO, MAIL, RCPT, DATA) -> reply replacing the normal one
+    # command name (EHLO, MAIL, ...) -> reply replacing the normal one
     replies: dict[str, str] = field(default_factory=dict)
     # recipient address -> reply
     refuse: dict[str, str] = field(default_factory=dict)
@@ -56,18 +59,53 @@ class _Rules:
 
 class _Handler:
     def __init__(self, server: SMTPServer) -> None:
+        from aiosmtpd.smtp import MISSING
+
         self.server = server
+        self.missing = MISSING  # "use aiosmtpd's normal reply"
 
     async def _pause(self) -> None:
         delay = self.server.rules.delay
         if delay:
             await asyncio.sleep(delay)
 
+    def _record(self, command: str) -> None:
+        with self.server.lock:
+            self.server.commands.append(command)
+
+    def _reply(self, command: str):
+        return self.server.rules.replies.get(command, self.missing)
+
+    async def handle_HELO(self, server, session, envelope, hostname):
+        self._record("HELO")
+        return self._reply("HELO")
+
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        self._record("EHLO")
         session.host_name = hostname
-        return self.server.rules.replies.get("EHLO", responses)
+        reply = self.server.rules.replies.get("EHLO")
+        if reply is not None:
+            # aiosmtpd sends each item of the list as one line.
+            return [reply]
+        if self.server.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        # Without users, aiosmtpd still advertises AUTH with no mechanism.
+        return [line for line in responses if line.rstrip() != "250-AUTH"]
+
+    async def handle_NOOP(self, server, session, envelope, arg):
+        self._record("NOOP")
+        return self._reply("NOOP")
+
+    async def handle_RSET(self, server, session, envelope):
+        self._record("RSET")
+        return self._reply("RSET")
+
+    async def handle_QUIT(self, server, session, envelope):
+        self._record("QUIT")
+        return self._reply("QUIT")
 
     async def handle_MAIL(self, server, session, envelope, address, options):
+        self._record("MAIL")
         await self._pause()
         reply = self.server.rules.replies.get("MAIL")
         if reply:
@@ -77,6 +115,7 @@ class _Handler:
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, options):
+        self._record("RCPT")
         rules = self.server.rules
         reply = rules.replies.get("RCPT") or rules.refuse.get(address)
         if reply:
@@ -90,6 +129,7 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self._record("DATA")
         await self._pause()
         reply = self.server.rules.replies.get("DATA")
         if reply:
@@ -101,6 +141,8 @@ class _Handler:
             smtputf8=envelope.smtp_utf8,
             tls=server.transport.get_extra_info("ssl_object") is not None,
             login=session.auth_data,
+            mail_options=list(envelope.mail_options),
+            helo=session.host_name,
         )
         with self.server.lock:
             self.server.messages.append(received)
@@ -115,10 +157,14 @@ class SMTPServer:
     first byte.  *users* maps user names to passwords and enables AUTH
     (PLAIN and LOGIN, after STARTTLS only if *tls_context* is given).
     *require_starttls* refuses commands before STARTTLS.  *smtputf8* offers
-    the SMTPUTF8 extension.
+    the SMTPUTF8 extension.  *pipelining* advertises PIPELINING (RFC 2920);
+    aiosmtpd reads pipelined commands correctly either way.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
-    Received messages are in :attr:`messages`.
+    Received messages are in :attr:`messages`; :attr:`commands` lists the
+    verbs of the commands received (``EHLO``, ``HELO``, ``MAIL``, ``RCPT``,
+    ``RSET``, ``NOOP``, ``QUIT``, and ``DATA`` once the data of a message
+    has been received), and :attr:`connections` counts the connections.
     """
 
     def __init__(
@@ -130,19 +176,23 @@ class SMTPServer:
         require_starttls: bool = False,
         smtputf8: bool = True,
         ready_timeout: float = 5.0,
+        pipelining: bool = False,
     ) -> None:
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.users = dict(users or {})
         self.require_starttls = require_starttls
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
         self.ready_timeout = ready_timeout
         self.host = "127.0.0.1"
         self.port = 0
         self.messages: list[ReceivedMessage] = []
+        self.commands: list[str] = []
         self.lock = threading.Lock()
         self.rules = _Rules()
         self.connections = 0
+        self._protocols: list = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -150,8 +200,10 @@ class SMTPServer:
     # -- configuration of faults -------------------------------------------
 
     def reply(self, command: str, reply: str | None) -> None:
-        """Answer *command* (``EHLO``, ``MAIL``, ``RCPT`` or ``DATA``) with
-        *reply* instead of the normal answer; ``None`` restores it."""
+        """Answer *command* (``HELO``, ``EHLO``, ``MAIL``, ``RCPT``,
+        ``DATA`` (at the end of the data), ``RSET``, ``NOOP`` or ``QUIT``)
+        with *reply* instead of the normal answer; ``None`` restores it.
+        The connection stays open whatever the reply says."""
         if reply is None:
             self.rules.replies.pop(command.upper(), None)
         else:
@@ -174,6 +226,30 @@ class SMTPServer:
         self.rules = _Rules()
         with self.lock:
             self.messages.clear()
+            self.commands.clear()
+
+    def drop_connections(self, reply: str | None = None) -> int:
+        """Close every open client connection, as a server does with idle
+        ones; with *reply* (e.g. ``"421 4.4.2 Idle timeout"``) send it
+        first.  Returns the number of connections closed."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the server is not running; call start() first")
+
+        async def drop() -> int:
+            closed = 0
+            for protocol in self._protocols:
+                transport = protocol.transport
+                if transport is None or transport.is_closing():
+                    continue
+                if reply is not None:
+                    transport.write(reply.encode() + b"\r\n")
+                transport.close()
+                closed += 1
+            return closed
+
+        future = asyncio.run_coroutine_threadsafe(drop(), loop)
+        return future.result(self.ready_timeout)
 
     # -- life cycle -------------------------------------------------------
 
@@ -190,7 +266,7 @@ class SMTPServer:
             return AuthResult(success=ok, handled=False, auth_data=name if ok else None)
 
         self.connections += 1
-        return SMTP(
+        protocol = SMTP(
             _Handler(self),
             hostname="mailoutbox.test",
             enable_SMTPUTF8=self.smtputf8,
@@ -200,6 +276,8 @@ class SMTPServer:
             auth_require_tls=self.tls_context is not None and not self.implicit_tls,
             auth_exclude_mechanism=[] if self.users else ["LOGIN", "PLAIN"],
         )
+        self._protocols.append(protocol)
+        return protocol
 
     def start(self) -> SMTPServer:
         """Start serving; returns when the port is bound."""
@@ -208,6 +286,8 @@ class SMTPServer:
 
         def serve() -> None:
             loop = asyncio.new_event_loop()
+            # gather() at shutdown needs the loop to be this thread's loop.
+            asyncio.set_event_loop(loop)
             self._loop = loop
             try:
                 self._server = loop.run_until_complete(
@@ -242,8 +322,8 @@ class SMTPServer:
         self._thread.start()
         if not ready.wait(self.ready_timeout):  # pragma: no cover
             raise TimeoutError(
-                "the SMTP server did not start within %.1fs; raise ready_timeout"
-                % self.ready_timeout
+                f"the SMTP server did not start within {self.ready_timeout:.1f}s;"
+                " raise ready_timeout"
             )
         if errors:  # pragma: no cover
             raise errors[0]
@@ -253,8 +333,8 @@ class SMTPServer:
         """Stop serving and wait for the thread to end."""
         if self._thread is None:
             return
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop is not None:  # pragma: no branch - set before ready
+            self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(self.ready_timeout)
         self._thread = None
 
