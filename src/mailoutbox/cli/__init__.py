@@ -1,0 +1,159 @@
+"""The ``mailoutbox`` command: run the queue processor and look after a queue.
+
+The parser is built by :func:`build_parser` (the documentation renders it)
+and :func:`main` runs one command.  Every line the command writes goes
+through a :class:`Console`, which tests and embedding applications may
+replace.  Exit codes are the ``EXIT_*`` constants below; the documentation
+chapter "The mailoutbox command" lists them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from mailoutbox.cli.console import Console
+from mailoutbox.cli.errors import EXIT_ERROR
+from mailoutbox.cli.errors import EXIT_INTERRUPTED
+from mailoutbox.cli.errors import EXIT_NOT_FOUND
+from mailoutbox.cli.errors import EXIT_NOT_SENT
+from mailoutbox.cli.errors import EXIT_OK
+from mailoutbox.cli.errors import EXIT_USAGE
+from mailoutbox.cli.errors import CLIError
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "EXIT_NOT_SENT",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CLIError",
+    "Console",
+    "build_parser",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+PROG = "mailoutbox"
+
+DESCRIPTION = """\
+Send the mail that applications queued with mailoutbox (or zope.sendmail),
+and look after the queue: count, list, show, retry and purge messages.
+"""
+
+EPILOG = """\
+exit status: 0 success; 1 'run' could not send every message in the pass;
+2 usage or configuration error; 3 no such message; 4 operating system or
+SMTP error; 130 interrupted.
+"""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mailoutbox")
+    except Exception:  # pragma: no cover - only when run from a bare checkout
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser of the ``mailoutbox`` command and its subcommands."""
+    from mailoutbox.cli import demo
+    from mailoutbox.cli import repair
+    from mailoutbox.cli import run
+    from mailoutbox.cli import send
+    from mailoutbox.cli import status
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}"
+    )
+    commands = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
+    run.add_parser(commands)
+    status.add_parsers(commands)
+    repair.add_parsers(commands)
+    send.add_parser(commands)
+    demo.add_parser(commands)
+    return parser
+
+
+_LEVELS = {
+    -2: logging.CRITICAL,
+    -1: logging.ERROR,
+    0: logging.WARNING,
+    1: logging.INFO,
+    2: logging.DEBUG,
+}
+
+
+def _configure_logging(console: Console, verbosity: int) -> logging.Handler:
+    """Send mailoutbox's log records to the console's stderr."""
+    level = _LEVELS[max(-2, min(2, verbosity))]
+    handler = logging.StreamHandler(console.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    handler.setLevel(level)
+    logger = logging.getLogger("mailoutbox")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > level:
+        logger.setLevel(level)
+    return handler
+
+
+def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
+    """Run the ``mailoutbox`` command with *argv* (default: ``sys.argv[1:]``)
+    and return its exit status.
+
+    *console* receives every line written; the default writes to
+    ``sys.stdout`` and ``sys.stderr``.
+    """
+    console = console or Console()
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stdout(console.stdout), contextlib.redirect_stderr(
+            console.stderr
+        ):
+            args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    verbosity = getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
+    logger = logging.getLogger("mailoutbox")
+    saved_level = logger.level
+    handler = _configure_logging(console, verbosity)
+    try:
+        return args.func(args, console)
+    except CLIError as exc:
+        console.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        console.error(_describe_os_error(exc))
+        return EXIT_ERROR
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        console.error(f"unexpected error: {exc!r} (run with -vv for the traceback)")
+        return EXIT_ERROR
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.filename is not None:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    return str(exc)
+
+

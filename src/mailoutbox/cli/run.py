@@ -1,0 +1,289 @@
+"""``run``: send the queued messages, once or as a daemon.
+
+The options and the ``--config`` file are those of zope.sendmail's
+``zope-sendmail`` script, plus mailoutbox's own.  SIGTERM and SIGINT stop
+the processor after the messages in flight; a second SIGINT stops at once
+(the claims of the messages it interrupts expire after the lease).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mailoutbox.cli.common import add_common_arguments
+from mailoutbox.cli.common import add_queue_argument
+from mailoutbox.cli.config import Settings
+from mailoutbox.cli.config import duration
+from mailoutbox.cli.config import factor
+from mailoutbox.cli.config import port
+from mailoutbox.cli.config import positive_int
+from mailoutbox.cli.config import resolve
+from mailoutbox.cli.console import Console
+from mailoutbox.cli.errors import EXIT_NOT_SENT
+from mailoutbox.cli.errors import EXIT_OK
+from mailoutbox.cli.errors import CLIError
+from mailoutbox.cli.progress import Progress
+
+__all__ = ["Runner", "add_parser", "make_mailer", "make_processor", "run"]
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="send the queued messages (once, or --daemon)",
+        description="Send the messages of the queue: once, then exit (the"
+        " default), or every --interval seconds until stopped by SIGTERM or"
+        " SIGINT (--daemon).  Both stop after the messages in flight.  The"
+        " options are those of zope.sendmail's zope-sendmail script, and a"
+        " --config file for it works unchanged.",
+    )
+    add_queue_argument(parser)
+    parser.add_argument(
+        "--daemon", action="store_true", default=None,
+        help="keep running, checking the queue every --interval seconds",
+    )
+    parser.add_argument(
+        "--interval", metavar="SECONDS", type=duration,
+        help="how often the daemon checks the queue (default: 3)",
+    )
+    smtp = parser.add_argument_group("SMTP server")
+    smtp.add_argument(
+        "--hostname", metavar="HOST",
+        help="the SMTP server to send through (default: localhost)",
+    )
+    smtp.add_argument(
+        "--port", type=port,
+        help="its port (default: 25, or 465 with --implicit-tls)",
+    )
+    tls = smtp.add_mutually_exclusive_group()
+    tls.add_argument(
+        "--force-tls", action="store_true", default=None,
+        help="refuse to send unless the connection is encrypted (STARTTLS)",
+    )
+    tls.add_argument(
+        "--no-tls", action="store_true", default=None,
+        help="never use TLS, even when the server offers STARTTLS",
+    )
+    smtp.add_argument(
+        "--implicit-tls", action="store_true", default=None,
+        help="speak TLS from the first byte (SMTPS, usually port 465)",
+    )
+    smtp.add_argument(
+        "--ca-file", metavar="PEM",
+        help="trust the certificate authorities in this file for the server's"
+        " certificate (default: the system's)",
+    )
+    smtp.add_argument(
+        "--timeout", metavar="SECONDS", type=duration,
+        help="timeout of each network operation (default: 10)",
+    )
+    auth = parser.add_argument_group(
+        "authentication",
+        "Log in to the SMTP server with a username and a password.  The"
+        " password can be given by an environment variable or a file, so"
+        " that it does not show in the process list.",
+    )
+    auth.add_argument("--username", metavar="NAME", help="the user name")
+    password = auth.add_mutually_exclusive_group()
+    password.add_argument(
+        "--password", metavar="PASSWORD",
+        help="the password (visible to other users of the machine in the"
+        " process list: prefer the next two)",
+    )
+    password.add_argument(
+        "--password-env", metavar="VAR",
+        help="read the password from the environment variable VAR",
+    )
+    password.add_argument(
+        "--password-file", metavar="PATH",
+        help="read the password from the first line of the file PATH",
+    )
+    queue = parser.add_argument_group("queue processing")
+    queue.add_argument(
+        "--concurrency", metavar="N", type=positive_int,
+        help="how many messages are sent at once, each over its own"
+        " connection (default: 4)",
+    )
+    queue.add_argument(
+        "--lease", metavar="SECONDS", type=duration,
+        help="how long a claim on a message lasts without being renewed;"
+        " a processor that dies loses its claims after it (default: 30)",
+    )
+    queue.add_argument(
+        "--retry-initial", metavar="SECONDS", type=duration,
+        help="wait after a first transient failure (default: 60)",
+    )
+    queue.add_argument(
+        "--retry-factor", metavar="FACTOR", type=factor,
+        help="multiply the wait by this after each further failure"
+        " (default: 2)",
+    )
+    queue.add_argument(
+        "--retry-cap", metavar="SECONDS", type=duration,
+        help="never wait longer than this between attempts (default: 1h)",
+    )
+    queue.add_argument(
+        "--max-age", metavar="SECONDS", type=duration,
+        help="give up on a message this long after its first failure"
+        " (default: 5d)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true",
+        help="show no progress bar, even on a terminal",
+    )
+    add_common_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def make_mailer(settings: Settings) -> Any:
+    """The :class:`~mailoutbox.mailer.SMTPMailer` for *settings*."""
+    from mailoutbox.mailer import SMTPMailer
+
+    if settings.ca_file is not None and not os.access(settings.ca_file, os.R_OK):
+        raise CLIError(f"cannot read the CA file {settings.ca_file}")
+    try:
+        return SMTPMailer(
+            settings.hostname,
+            settings.smtp_port,
+            settings.username,
+            settings.password,
+            no_tls=settings.no_tls,
+            force_tls=settings.force_tls,
+            implicit_tls=settings.implicit_tls,
+            timeout=settings.timeout,
+            ca_file=settings.ca_file,
+        )
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"invalid SMTP settings: {exc}") from None
+    except OSError as exc:  # e.g. a CA file that is not PEM
+        raise CLIError(f"invalid SMTP settings: {exc}") from None
+
+
+def make_processor(settings: Settings, mailer: Any) -> Any:
+    """The :class:`~mailoutbox.queue.QueueProcessorThread` for *settings*."""
+    from mailoutbox.queue import QueueProcessorThread
+    from mailoutbox.retry import RetryPolicy
+
+    try:
+        processor = QueueProcessorThread(
+            settings.interval,
+            concurrency=settings.concurrency,
+            retry=RetryPolicy(
+                initial=settings.retry_initial,
+                factor=settings.retry_factor,
+                cap=settings.retry_cap,
+                max_age=settings.max_age,
+            ),
+            lease=settings.lease,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    processor.setMailer(mailer)
+    try:
+        processor.setQueuePath(settings.queue_path)
+    except ValueError as exc:  # exists, but is not a Maildir
+        raise CLIError(str(exc)) from None
+    return processor
+
+
+class Runner:
+    """Runs a processor in the foreground and stops it on a signal."""
+
+    #: The signals that ask for a graceful stop.
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, processor: Any, console: Console) -> None:
+        self.processor = processor
+        self.console = console
+        self.stop_requested = threading.Event()
+        self._saved: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Only take note here: stop() may wait, and this runs between two
+        # bytecodes of whatever the main thread was doing.
+        if not self.stop_requested.is_set():
+            self.console.note(
+                "stopping after the messages in flight"
+                f" ({signal.Signals(signum).name})"
+            )
+        self.stop_requested.set()
+        # A second Ctrl-C interrupts whatever is going on.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> Runner:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._saved[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved.clear()
+
+    def _until_stopped(self, thread: threading.Thread, poll: float) -> None:
+        """Wait for *thread* to end, stopping the processor on a signal."""
+        while thread.is_alive():
+            if self.stop_requested.wait(poll):
+                self.processor.stop()  # waits for the messages in flight
+                break
+        thread.join()
+
+    def once(self, on_progress: Callable[[int, int], None] | None,
+             poll: float = 0.1) -> Any:
+        """One pass over the queue (in a thread, so that a signal can stop
+        it between two messages)."""
+        outcome: dict[str, Any] = {}
+
+        def one_pass() -> None:
+            try:
+                outcome["stats"] = self.processor.process_queue(
+                    on_progress=on_progress
+                )
+            except BaseException as exc:  # handed to the main thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(
+            target=one_pass, name="mailoutbox-run-once", daemon=True
+        )
+        thread.start()
+        self._until_stopped(thread, poll)  # a 2nd Ctrl-C does not wait
+        self.processor.stop()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["stats"]
+
+    def forever(self, poll: float = 0.5) -> None:
+        """Run the processor's thread until a signal asks to stop."""
+        self.processor.start()
+        self._until_stopped(self.processor, poll)
+        self.processor.stop()
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    settings = resolve(args, console)
+    processor = make_processor(settings, make_mailer(settings))
+    with Runner(processor, console) as runner:
+        if args.daemon:
+            runner.forever()
+            return EXIT_OK
+        show = console.is_terminal() and not args.no_progress and not args.quiet
+        progress = Progress(console) if show else None
+        started = time.monotonic()
+        try:
+            stats = runner.once(progress)
+        finally:
+            if progress is not None:
+                progress.close()
+    if not args.quiet:
+        elapsed = time.monotonic() - started
+        console.out(
+            f"sent {stats.sent}, deferred {stats.deferred}, failed"
+            f" {stats.failed}, not due {stats.skipped} ({elapsed:.1f} s)"
+        )
+    return EXIT_NOT_SENT if stats.deferred or stats.failed else EXIT_OK

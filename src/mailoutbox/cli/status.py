@@ -1,0 +1,238 @@
+"""``status``, ``list`` and ``show``: look at a queue without changing it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from mailoutbox.cli.common import add_common_arguments
+from mailoutbox.cli.common import add_queue_argument
+from mailoutbox.cli.common import queue_path
+from mailoutbox.cli.console import Console
+from mailoutbox.cli.errors import EXIT_ERROR
+from mailoutbox.cli.errors import EXIT_OK
+from mailoutbox.cli.errors import CLIError
+from mailoutbox.cli.view import STATES
+from mailoutbox.cli.view import MessageInfo
+from mailoutbox.cli.view import QueueView
+from mailoutbox.cli.view import clean
+from mailoutbox.cli.view import format_age
+from mailoutbox.cli.view import format_time
+from mailoutbox.cli.view import read_file
+from mailoutbox.envelope import parse_queue_file
+
+__all__ = ["add_parsers", "list_messages", "show", "status", "status_data"]
+
+#: Format version of ``status --json`` and ``list --json``.
+JSON_VERSION = 1
+
+
+def add_parsers(commands: Any) -> None:
+    parser = commands.add_parser(
+        "status",
+        help="count the messages in the queue, by state",
+        description="Count the queued, deferred, sending and failed messages"
+        " and tell the age of the oldest one; --json is for monitoring.",
+    )
+    add_queue_argument(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object (see the docs)"
+    )
+    add_common_arguments(parser)
+    parser.set_defaults(func=status)
+
+    parser = commands.add_parser(
+        "list",
+        help="list the messages in the queue",
+        description="List the messages waiting in the queue (queued, deferred"
+        " and sending), oldest first, or those of another state.",
+    )
+    add_queue_argument(parser)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--failed", dest="states", action="store_const", const=("failed",),
+        help="list the failed messages instead",
+    )
+    which.add_argument(
+        "--deferred", dest="states", action="store_const", const=("deferred",),
+        help="list only the deferred messages",
+    )
+    which.add_argument(
+        "--all", dest="states", action="store_const", const=STATES,
+        help="list every message, failed ones too",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object (see the docs)"
+    )
+    add_common_arguments(parser)
+    parser.set_defaults(func=list_messages, states=("queued", "deferred", "sending"))
+
+    parser = commands.add_parser(
+        "show",
+        help="show one message: envelope, headers and state",
+        description="Show the envelope, headers and retry or failure state of"
+        " one message, named by its id (file name, as 'list' prints it) or"
+        " by its Message-Id.",
+    )
+    add_queue_argument(parser)
+    parser.add_argument("id", metavar="ID", help="the message's id or Message-Id")
+    parser.add_argument(
+        "--raw", action="store_true",
+        help="print the message itself (headers and body) instead",
+    )
+    add_common_arguments(parser)
+    parser.set_defaults(func=show)
+
+
+def status_data(view: QueueView) -> dict[str, Any]:
+    """What ``status --json`` prints."""
+    counts = view.counts()
+    waiting = view.select(("queued", "deferred", "sending"))
+    deferred = [m.retry_at for m in view.messages if m.state == "deferred"]
+    failed = view.select(("failed",))
+    return {
+        "version": JSON_VERSION,
+        "queue": os.path.abspath(view.maildir.path),
+        "time": view.now,
+        **counts,
+        "oldest_age": _age(view, waiting),
+        "next_attempt": min(deferred) if deferred else None,  # type: ignore[type-var]
+        "oldest_failed_age": _age(view, failed),
+    }
+
+
+def _age(view: QueueView, messages: list[MessageInfo]) -> float | None:
+    if not messages:
+        return None
+    return round(max(0.0, view.now - messages[0].queued_at), 3)
+
+
+def status(args: argparse.Namespace, console: Console) -> int:
+    view = QueueView(queue_path(args, console))
+    data = status_data(view)
+    if args.json:
+        console.out(json.dumps(data, sort_keys=True))
+        return EXIT_OK
+    console.out(f"queue     {data['queue']}")
+    for state in STATES:
+        line = f"{state:<9} {data[state]}"
+        if state == "deferred" and data["next_attempt"] is not None:
+            when = data["next_attempt"]
+            line += (
+                f"  (next attempt {format_time(when)},"
+                f" in {format_age(when - view.now)})"
+            )
+        console.out(line)
+    if data["oldest_age"] is not None:
+        console.out(f"oldest    {format_age(data['oldest_age'])} old")
+    return EXIT_OK
+
+
+def _recipients(message: MessageInfo) -> str:
+    head = message.head
+    if head.problem:
+        return f"({head.problem})"
+    first = head.toaddrs[0]
+    more = len(head.toaddrs) - 1
+    return first + (f" +{more}" if more else "")
+
+
+def list_messages(args: argparse.Namespace, console: Console) -> int:
+    view = QueueView(queue_path(args, console))
+    messages = view.select(args.states)
+    if args.json:
+        console.out(json.dumps(
+            {
+                "version": JSON_VERSION,
+                "queue": os.path.abspath(view.maildir.path),
+                "time": view.now,
+                "messages": [m.as_dict(view.now) for m in messages],
+            },
+            sort_keys=True,
+        ))
+        return EXIT_OK
+    if not messages:
+        console.out(f"no {' or '.join(args.states)} messages")
+        return EXIT_OK
+    for message in messages:
+        subject = message.head.header("Subject")
+        console.out(clean("  ".join([
+            message.name,
+            f"{message.state:<8}",
+            f"{format_age(view.now - message.queued_at):>7}",
+            _recipients(message),
+            repr(subject) if subject is not None else "",
+        ]).rstrip()))
+    return EXIT_OK
+
+
+def _describe_state(view: QueueView, message: MessageInfo) -> str:
+    if message.state == "deferred" and message.retry_at is not None:
+        when = message.retry_at
+        return (
+            f"deferred (next attempt {format_time(when)},"
+            f" in {format_age(when - view.now)})"
+        )
+    if message.state == "sending":
+        return "sending (claimed by a processor)"
+    return message.state
+
+
+def _state_lines(title: str, data: dict[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    lines = [f"{title}:"]
+    for key in sorted(data):
+        value = data[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            key == "time" or key.endswith(("_at", "_time", "_attempt"))
+        ) and value > 1e9:
+            value = f"{format_time(value)} ({value})"
+        lines.append(f"  {key}: {value}")
+    return lines
+
+
+def show(args: argparse.Namespace, console: Console) -> int:
+    view = QueueView(queue_path(args, console))
+    message = view.find(args.id)
+    if args.raw:
+        return _show_raw(message, console)
+    head = message.head
+    lines = [
+        f"id:       {message.name}",
+        f"state:    {_describe_state(view, message)}",
+        f"file:     {message.entry.path}",
+        f"queued:   {format_time(message.queued_at)}"
+        f" ({format_age(view.now - message.queued_at)} ago)",
+    ]
+    if head.problem:
+        lines.append(f"problem:  {head.problem}")
+    else:
+        lines.append(f"from:     {head.fromaddr}")
+        lines.append(f"to:       {', '.join(head.toaddrs)}")
+    if message.state == "failed":
+        lines += _state_lines("failure", view.maildir.reason(message.entry))
+    else:
+        lines += _state_lines("retry state", view.maildir.retry_state(message.entry))
+    if head.headers is not None:
+        lines.append("headers:")
+        lines += [f"  {name}: {value}" for name, value in head.headers.items()]
+    for line in lines:
+        console.out(clean(line))
+    return EXIT_OK
+
+
+def _show_raw(message: MessageInfo, console: Console) -> int:
+    if message.head.problem:
+        raise CLIError(f"cannot show {message.name}: {message.head.problem}",
+                       EXIT_ERROR)
+    _from, _to, body = parse_queue_file(read_file(message.entry))
+    console.stdout.flush()
+    buffer = getattr(console.stdout, "buffer", None)
+    if buffer is not None:
+        buffer.write(body)
+        buffer.flush()
+    else:
+        console.stdout.write(body.decode("utf-8", "replace"))
+    return EXIT_OK

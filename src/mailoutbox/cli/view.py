@@ -1,0 +1,241 @@
+"""A read-only view of a queue for the commands that look after it.
+
+The states shown to people are:
+
+``queued``
+    waiting for the next pass of a processor;
+``deferred``
+    kept back after a transient failure until its next attempt;
+``sending``
+    claimed by a processor right now;
+``failed``
+    in the failed area, never tried again unless retried.
+"""
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import os
+import time
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+from mailoutbox.cli.errors import EXIT_NOT_FOUND
+from mailoutbox.cli.errors import EXIT_USAGE
+from mailoutbox.cli.errors import CLIError
+from mailoutbox.envelope import parse_queue_file
+from mailoutbox.maildir import Entry
+from mailoutbox.maildir import Maildir
+
+__all__ = [
+    "STATES",
+    "Head",
+    "MessageInfo",
+    "QueueView",
+    "clean",
+    "format_age",
+    "format_time",
+    "open_queue",
+    "read_file",
+    "read_head",
+]
+
+STATES = ("queued", "deferred", "sending", "failed")
+#: How much of a queue file is read to show its envelope and headers.
+HEAD_SIZE = 64 * 1024
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_queue(path: str) -> Maildir:
+    """The queue at *path*, or a :class:`CLIError` saying why not."""
+    try:
+        return Maildir(path)
+    except ValueError:
+        if not os.path.exists(path):
+            raise CLIError(f"no queue at {path}: no such directory") from None
+        raise CLIError(
+            f"{path} is not a mail queue (a Maildir folder with tmp, new and"
+            " cur)", EXIT_USAGE,
+        ) from None
+
+
+def clean(text: object) -> str:
+    """*text* made safe for a terminal: control characters escaped."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def format_age(seconds: float) -> str:
+    """A duration for people: ``45s``, ``12m``, ``3h 05m``, ``2d 04h``."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s" if minutes < 10 else f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
+
+
+def format_time(timestamp: float) -> str:
+    """A local time for people, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+@dataclass
+class Head:
+    """The envelope and headers of a queue file (or why they are missing)."""
+
+    fromaddr: str | None = None
+    toaddrs: tuple[str, ...] = ()
+    headers: EmailMessage | None = None
+    problem: str | None = None
+
+    def header(self, name: str) -> str | None:
+        if self.headers is None:
+            return None
+        value = self.headers.get(name)
+        return None if value is None else str(value)
+
+    @property
+    def message_id(self) -> str | None:
+        value = self.header("Message-Id")
+        return value.strip().strip("<>") if value else None
+
+
+def read_file(entry: Entry, size: int = -1) -> bytes:
+    """The first *size* bytes of *entry* (all with -1); a symbolic link
+    is not followed."""
+    fd = os.open(entry.path, os.O_RDONLY | _O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(size)
+
+
+def read_head(entry: Entry, size: int = HEAD_SIZE) -> Head:
+    """Read the envelope and headers of *entry*; symbolic links and other
+    odd files are not followed or read."""
+    if not entry.regular:
+        return Head(problem="not a regular file")
+    try:
+        data = read_file(entry, size)
+    except FileNotFoundError:
+        return Head(problem="gone (sent or removed meanwhile)")
+    except OSError as exc:
+        return Head(problem=exc.strerror or str(exc))
+    try:
+        fromaddr, toaddrs, message = parse_queue_file(data)
+    except ValueError as exc:
+        return Head(problem=str(exc))
+    parser = email.parser.BytesParser(policy=email.policy.default)
+    headers = parser.parsebytes(message, headersonly=True)
+    return Head(fromaddr, toaddrs, headers)  # type: ignore[arg-type]
+
+
+@dataclass
+class MessageInfo:
+    """One message of the queue and its state."""
+
+    entry: Entry
+    state: str
+    queued_at: float
+    retry_at: float | None = None
+    _head: Head | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def head(self) -> Head:
+        if self._head is None:
+            self._head = read_head(self.entry)
+        return self._head
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        """The message as JSON-able data (see the ``list --json`` keys)."""
+        head = self.head
+        return {
+            "id": self.name,
+            "state": self.state,
+            "queued_at": self.queued_at,
+            "age": round(max(0.0, now - self.queued_at), 3),
+            "next_attempt": self.retry_at if self.state == "deferred" else None,
+            "message_id": head.message_id,
+            "from": head.fromaddr,
+            "to": list(head.toaddrs),
+            "subject": head.header("Subject"),
+            "problem": head.problem,
+        }
+
+
+def _queued_at(entry: Entry) -> float:
+    """When *entry* was queued: the time its name starts with (ours and
+    zope.sendmail's names do), else its modification time."""
+    prefix = entry.name.split(".", 1)[0]
+    if prefix.isdigit() and len(prefix) <= 12:
+        return float(prefix)
+    try:
+        return os.lstat(entry.path).st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
+class QueueView:
+    """The messages of the queue at *path*, as of the moment it was made."""
+
+    def __init__(self, path: str, now: float | None = None) -> None:
+        self.maildir = open_queue(path)
+        self.now = time.time() if now is None else now
+        scan = self.maildir.scan()
+        self.messages: list[MessageInfo] = []
+        for entry in scan.entries:
+            retry_at = scan.retry_at.get(entry.name)
+            if entry.name in scan.claimed:
+                state = "sending"
+            elif retry_at is not None and retry_at > self.now:
+                state = "deferred"
+            else:
+                state = "queued"
+            self.messages.append(
+                MessageInfo(entry, state, _queued_at(entry), retry_at)
+            )
+        for entry in self.maildir.failed_entries():
+            self.messages.append(MessageInfo(entry, "failed", _queued_at(entry)))
+
+    def select(self, states: tuple[str, ...] | list[str]) -> list[MessageInfo]:
+        """The messages in *states*, oldest first."""
+        chosen = [m for m in self.messages if m.state in states]
+        chosen.sort(key=lambda m: (m.queued_at, m.name))
+        return chosen
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for message in self.messages:
+            counts[message.state] += 1
+        return counts
+
+    def find(self, ident: str) -> MessageInfo:
+        """The message whose file name or Message-Id is *ident*."""
+        for message in self.messages:
+            if message.name == ident:
+                return message
+        wanted = ident.strip().strip("<>")
+        found = [m for m in self.messages if m.head.message_id == wanted]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise CLIError(
+                f"{len(found)} messages have the Message-Id <{clean(wanted)}>;"
+                " name one by its id: "
+                + ", ".join(m.name for m in found),
+                EXIT_NOT_FOUND,
+            )
+        raise CLIError(
+            f"no message {clean(ident)!r} in {self.maildir.path}", EXIT_NOT_FOUND
+        )
