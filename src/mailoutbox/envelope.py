@@ -9,15 +9,17 @@ A queue file is::
 exactly as zope.sendmail writes and reads it.  Recipients are joined with
 ``", "`` and split with :func:`email.utils.getaddresses`, so display names
 containing commas must be quoted (``"Doe, Jane" <jane@example.org>``);
-:func:`format_envelope` quotes them.
+:func:`format_envelope` quotes them.  Addresses are written as UTF-8 as
+they are (display names are not RFC 2047-encoded), so addresses with UTF-8
+local parts or domains survive the round trip.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from email.utils import formataddr
 from email.utils import getaddresses
-from email.utils import parseaddr
 
+from mailoutbox.message import format_address
+from mailoutbox.message import parse_address
 
 __all__ = ["format_envelope", "parse_queue_file"]
 
@@ -25,15 +27,15 @@ FROM_PREFIX = b"X-Zope-From: "
 TO_PREFIX = b"X-Zope-To: "
 
 
-def _normalize(address: str) -> str:
-    name, addr = parseaddr(address)
-    return formataddr((name, addr)) if name else addr
-
-
 def format_envelope(fromaddr: str, toaddrs: Sequence[str]) -> bytes:
-    """The two envelope lines for a queue file (addresses must have been
-    validated: no CR, LF or NUL)."""
-    to = ", ".join(_normalize(a) for a in toaddrs)
+    """The two envelope lines for a queue file.
+
+    *fromaddr* must not contain CR, LF or NUL; each of *toaddrs* must be a
+    valid address (see :func:`mailoutbox.message.parse_address`, which
+    raises :class:`ValueError` otherwise).  Display names are quoted when
+    they need it.
+    """
+    to = ", ".join(format_address(*parse_address(a)) for a in toaddrs)
     return b"%s%s\n%s%s\n" % (
         FROM_PREFIX, fromaddr.encode("utf-8"), TO_PREFIX, to.encode("utf-8")
     )
@@ -57,7 +59,7 @@ def parse_queue_file(data: bytes) -> tuple[str, tuple[str, ...], bytes]:
     except UnicodeDecodeError:
         raise ValueError("envelope lines are not UTF-8") from None
     toaddrs = tuple(
-        formataddr((name, addr)) if name else addr
+        format_address(name, addr)
         for name, addr in getaddresses([to])
         if addr
     )
