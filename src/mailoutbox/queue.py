@@ -313,37 +313,20 @@ class QueueProcessorThread(threading.Thread):
 
     def _send(self, claim: Claim, clock: Callable[[], float]) -> str:
         """Send the claimed message and end the claim."""
-        name = claim.entry.name
         try:
-            data = claim.read()
-        except FileNotFoundError:  # removed by hand meanwhile
-            claim.release()
-            return SKIPPED
-        except OSError as exc:  # e.g. replaced by a symbolic link
-            return self._fail(claim, name, f"unreadable queue file: {exc}", clock())
+            outcome = self._read_and_send(claim, clock)
         except BaseException:
-            claim.release()
+            claim.release()  # nothing was sent: give the message back
             raise
-        try:
-            fromaddr, toaddrs, message = parse_queue_file(data)
-        except ValueError as exc:
-            return self._fail(claim, message_id_of(data, name),
-                              f"malformed queue file: {exc}", clock())
-        del data  # the message is a copy: keep one in memory
-        message_id = message_id_of(message, name)
-        try:
-            refused = self.mailer.send(fromaddr, toaddrs, message)
-        except Exception as exc:
-            return self._failed_attempt(claim, message_id, exc, clock())
-        except BaseException:
-            claim.release()
-            raise
+        if not isinstance(outcome, tuple):
+            return outcome
+        message_id, refused = outcome
         try:
             claim.complete()
         except BaseException:
             self.log.error("sent %s but could not remove %s from the queue: it"
                            " will be sent again when its claim expires",
-                           message_id, name)
+                           message_id, claim.entry.name)
             raise
         refused = dict(refused or {})
         if refused:
@@ -354,6 +337,32 @@ class QueueProcessorThread(threading.Thread):
             self.log.info("sent %s", message_id)
         self._notify(MailSentEvent(message_id, refused))
         return SENT
+
+    def _read_and_send(self, claim: Claim, clock: Callable[[], float]
+                       ) -> str | tuple[str, Any]:
+        """Send the message, or end the claim if it cannot be sent (now).
+
+        Returns the outcome, or ``(message_id, refused)`` once sent.
+        """
+        name = claim.entry.name
+        try:
+            data = claim.read()
+        except FileNotFoundError:  # purged by hand meanwhile
+            claim.release()
+            return SKIPPED
+        except OSError as exc:  # e.g. replaced by a symbolic link
+            return self._fail(claim, name, f"unreadable queue file: {exc}", clock())
+        try:
+            fromaddr, toaddrs, message = parse_queue_file(data)
+        except ValueError as exc:
+            return self._fail(claim, message_id_of(data, name),
+                              f"malformed queue file: {exc}", clock())
+        del data  # the message is a copy: keep one in memory
+        message_id = message_id_of(message, name)
+        try:
+            return message_id, self.mailer.send(fromaddr, toaddrs, message)
+        except Exception as exc:
+            return self._failed_attempt(claim, message_id, exc, clock())
 
     def _failed_attempt(self, claim: Claim, message_id: str, exc: Exception,
                         now: float) -> str:
