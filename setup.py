@@ -78,5 +78,8 @@ setup(
         "console_scripts": [
             "mailoutbox = mailoutbox.cli:main",
         ],
+        "pytest11": [
+            "mailoutbox = mailoutbox.testing.pytest_plugin",
+        ],
     },
 )
