@@ -263,7 +263,7 @@ def smtpMailer(
         )
         if ca_file is not None:
             mailer.ssl_context  # noqa: B018 - loads and checks ca_file now
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         raise ConfigurationError(f"mail:smtpMailer {name!r}: {exc}") from exc
     _context.action(
         discriminator=("utility", IMailer, name),
