@@ -20,7 +20,7 @@ never send the same message at once.
 """
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import os
 import secrets
@@ -38,7 +38,6 @@ from zope.interface import provider
 from mailoutbox.interfaces import IMaildir
 from mailoutbox.interfaces import IMaildirFactory
 from mailoutbox.interfaces import IMaildirMessageWriter
-
 
 __all__ = [
     "CLAIM_PREFIX",
@@ -102,13 +101,10 @@ class _Names:
         self.counter += 1
         now = time.time()
         seconds = int(now)
-        return "%d.M%06dP%dQ%dR%s.%s" % (
-            seconds,
-            int((now - seconds) * 1e6),
-            os.getpid(),
-            self.counter,
-            secrets.token_hex(4),
-            self.host,
+        micro = int((now - seconds) * 1e6)
+        return (
+            f"{seconds}.M{micro:06d}P{os.getpid()}Q{self.counter}"
+            f"R{secrets.token_hex(4)}.{self.host}"
         )
 
 
@@ -181,10 +177,8 @@ class Maildir:
         self.failed = os.path.join(self.path, FAILED)
         if create:
             for folder in (self.path, self.tmp, self.new, self.cur):
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(folder, _DIR_MODE)
-                except FileExistsError:
-                    pass
         if not all(os.path.isdir(d) for d in (self.tmp, self.new, self.cur)):
             raise ValueError(f"{self.path} is not a Maildir folder")
 
@@ -249,10 +243,8 @@ class Maildir:
                 regular = dirent.is_file(follow_symlinks=False)
                 scan.entries.append(Entry(folder, name, regular))
         for name, dirent in retry_files:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 scan.retry_at[name] = dirent.stat(follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                pass
         scan.entries.sort(key=lambda e: e.name)
         return scan
 
@@ -325,10 +317,9 @@ class Maildir:
         try:
             stale = time.time() - os.lstat(private).st_mtime > lease
             if not stale:
-                try:
+                # A new claim may have been made meanwhile: it stands.
+                with contextlib.suppress(FileExistsError):
                     os.link(private, claim_path, follow_symlinks=False)
-                except FileExistsError:  # pragma: no cover - tight race
-                    pass
             return stale
         finally:
             _unlink(private)
@@ -336,10 +327,8 @@ class Maildir:
     # -- the failed area and repairs ------------------------------------------
 
     def _ensure_failed(self) -> None:
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(self.failed, _DIR_MODE)
-        except FileExistsError:
-            pass
 
     def move_to_failed(self, entry: Entry, reason: dict[str, Any],
                        name: str | None = None) -> Entry:
@@ -402,6 +391,8 @@ class Maildir:
                     ):
                         done += _unlink(path)
         for dirent in self._list(self.tmp):
+            if dirent.is_dir(follow_symlinks=False):
+                continue  # not a message file; unlink() would fail on it
             try:
                 age = now - dirent.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:  # pragma: no cover - removed meanwhile
@@ -435,10 +426,8 @@ class Claim:
 
     def renew(self) -> None:
         """Extend the lease (touch the claim)."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.utime(self.claim_path, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
 
     def retry_state(self) -> dict[str, Any] | None:
         return self.maildir.retry_state(self.entry)
