@@ -46,8 +46,8 @@ and look after the queue: count, list, show, retry and purge messages.
 
 EPILOG = """\
 exit status: 0 success; 1 'run' could not send every message in the pass;
-2 usage or configuration error; 3 no such message; 4 operating system or
-SMTP error; 130 interrupted.
+2 usage or configuration error; 3 no such message; 4 operating system error,
+missing dependency or unexpected error; 130 interrupted.
 """
 
 
@@ -96,13 +96,28 @@ _LEVELS = {
 }
 
 
-def _configure_logging(console: Console, verbosity: int) -> logging.Handler:
+class _Formatter(logging.Formatter):
+    """Log lines, with tracebacks only if *tracebacks* is true."""
+
+    def __init__(self, tracebacks: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.tracebacks or not record.exc_info:
+            return super().format(record)
+        # What format() does, less the traceback.
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        return self.formatMessage(record)
+
+
+def _configure_logging(console: Console, verbosity: int,
+                       tracebacks: bool) -> logging.Handler:
     """Send mailoutbox's log records to the console's stderr."""
     level = _LEVELS[max(-2, min(2, verbosity))]
     handler = logging.StreamHandler(console.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
+    handler.setFormatter(_Formatter(tracebacks or verbosity >= 2))
     handler.setLevel(level)
     logger = logging.getLogger("mailoutbox")
     logger.addHandler(handler)
@@ -124,13 +139,17 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         with contextlib.redirect_stdout(console.stdout), contextlib.redirect_stderr(
             console.stderr
         ):
-            args = parser.parse_args(argv)
+            args = _parse(parser, argv)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    verbosity = getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
+    # run logs warnings by default; the other commands report errors
+    # themselves, and log only when asked to with -v.
+    verbosity = args.verbose or getattr(args, "log_level", -2) - args.quiet
     logger = logging.getLogger("mailoutbox")
     saved_level = logger.level
-    handler = _configure_logging(console, verbosity)
+    handler = _configure_logging(
+        console, verbosity, getattr(args, "log_tracebacks", False)
+    )
     try:
         return args.func(args, console)
     except CLIError as exc:
@@ -149,6 +168,20 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved_level)
+
+
+def _parse(parser: argparse.ArgumentParser,
+           argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse *argv*, also taking message ids that follow an option
+    (``retry QUEUE --verbose ID``), which argparse alone refuses."""
+    args, extras = parser.parse_known_args(argv)
+    ids = getattr(args, "ids", None)
+    if ids is not None and not any(e.startswith("-") for e in extras):
+        ids.extend(extras)
+        extras = []
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
 
 
 def _describe_os_error(exc: OSError) -> str:

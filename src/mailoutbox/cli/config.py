@@ -76,7 +76,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$", re.I)
 def duration(text: str) -> float:
     """Seconds, or a number followed by ``s``, ``m``, ``h`` or ``d``."""
     match = _DURATION.match(str(text))
-    if not match or float(match.group(1)) <= 0:
+    if not match or not 0 < float(match.group(1)) < 1e12:
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}: use a positive number of seconds,"
             " or a number followed by s, m, h or d (e.g. 90s, 5m, 2h, 5d)"
@@ -116,7 +116,7 @@ def factor(text: str) -> float:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value >= 1.0:  # also rejects NaN
+    if not 1.0 <= value < 1e6:  # also rejects NaN and infinity
         raise argparse.ArgumentTypeError(
             f"invalid factor {text!r}: use a number of at least 1"
         )

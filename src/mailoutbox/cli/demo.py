@@ -47,7 +47,7 @@ def add_parser(commands: Any) -> None:
         "--keep", action="store_true",
         help="keep the temporary queue, to look at it with list and show",
     )
-    parser.set_defaults(func=demo, verbose=0, quiet=3)  # no log
+    parser.set_defaults(func=demo, verbose=0, quiet=0)
 
 
 def _message(name: str, toaddrs: list[str], subject: str) -> bytes:

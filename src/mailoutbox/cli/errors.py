@@ -20,8 +20,8 @@ EXIT_NOT_SENT = 1
 EXIT_USAGE = 2
 #: ``show``, ``retry`` or ``purge``: a named message is not in the queue.
 EXIT_NOT_FOUND = 3
-#: An operating system error (permissions, disk), an SMTP error while
-#: sending directly, or a missing optional dependency.
+#: An operating system error (permissions, disk, ...), a missing optional
+#: dependency, or an unexpected error.
 EXIT_ERROR = 4
 #: Interrupted by Ctrl-C outside ``run``.
 EXIT_INTERRUPTED = 130

@@ -8,8 +8,9 @@ the processor after the messages in flight; a second SIGINT stops at once
 from __future__ import annotations
 
 import argparse
-import os
+import atexit
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -137,31 +138,33 @@ def add_parser(commands: Any) -> None:
         help="show no progress bar, even on a terminal",
     )
     add_common_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, log_level=0, log_tracebacks=True)
 
 
 def make_mailer(settings: Settings) -> Any:
     """The :class:`~mailoutbox.mailer.SMTPMailer` for *settings*."""
     from mailoutbox.mailer import SMTPMailer
 
-    if settings.ca_file is not None and not os.access(settings.ca_file, os.R_OK):
-        raise CLIError(f"cannot read the CA file {settings.ca_file}")
-    try:
-        return SMTPMailer(
-            settings.hostname,
-            settings.smtp_port,
-            settings.username,
-            settings.password,
-            no_tls=settings.no_tls,
-            force_tls=settings.force_tls,
-            implicit_tls=settings.implicit_tls,
-            timeout=settings.timeout,
-            ca_file=settings.ca_file,
-        )
-    except (ValueError, TypeError) as exc:
-        raise CLIError(f"invalid SMTP settings: {exc}") from None
-    except OSError as exc:  # e.g. a CA file that is not PEM
-        raise CLIError(f"invalid SMTP settings: {exc}") from None
+    if settings.ca_file is not None:
+        # Found out now rather than at the first message.
+        try:
+            ssl.create_default_context(cafile=settings.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise CLIError(
+                f"cannot use the CA file {settings.ca_file}: {reason}"
+            ) from None
+    return SMTPMailer(
+        settings.hostname,
+        settings.smtp_port,
+        settings.username,
+        settings.password,
+        no_tls=settings.no_tls,
+        force_tls=settings.force_tls,
+        implicit_tls=settings.implicit_tls,
+        timeout=settings.timeout,
+        ca_file=settings.ca_file,
+    )
 
 
 def make_processor(settings: Settings, mailer: Any) -> Any:
@@ -169,20 +172,17 @@ def make_processor(settings: Settings, mailer: Any) -> Any:
     from mailoutbox.queue import QueueProcessorThread
     from mailoutbox.retry import RetryPolicy
 
-    try:
-        processor = QueueProcessorThread(
-            settings.interval,
-            concurrency=settings.concurrency,
-            retry=RetryPolicy(
-                initial=settings.retry_initial,
-                factor=settings.retry_factor,
-                cap=settings.retry_cap,
-                max_age=settings.max_age,
-            ),
-            lease=settings.lease,
-        )
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    processor = QueueProcessorThread(
+        settings.interval,
+        concurrency=settings.concurrency,
+        retry=RetryPolicy(
+            initial=settings.retry_initial,
+            factor=settings.retry_factor,
+            cap=settings.retry_cap,
+            max_age=settings.max_age,
+        ),
+        lease=settings.lease,
+    )
     processor.setMailer(mailer)
     try:
         processor.setQueuePath(settings.queue_path)
@@ -195,7 +195,7 @@ class Runner:
     """Runs a processor in the foreground and stops it on a signal."""
 
     #: The signals that ask for a graceful stop.
-    signals = (signal.SIGTERM, signal.SIGINT)
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, processor: Any, console: Console) -> None:
         self.processor = processor
@@ -261,7 +261,11 @@ class Runner:
     def forever(self, poll: float = 0.5) -> None:
         """Run the processor's thread until a signal asks to stop."""
         self.processor.start()
-        self._until_stopped(self.processor, poll)
+        try:
+            self._until_stopped(self.processor, poll)
+        except KeyboardInterrupt:  # the second Ctrl-C: do not wait at exit
+            atexit.unregister(self.processor.stop)
+            raise
         self.processor.stop()
 
 
