@@ -75,27 +75,13 @@ class IMailSettings(Interface):
 @implementer(IMailSettings)
 @dataclass(frozen=True)
 class MailSettings:
-    """The ``mail.*`` settings of a Pyramid application.
+    """The ``mail.*`` settings of a Pyramid application, parsed.
 
-    ======================  ====================  =======================
-    setting                 attribute             default
-    ======================  ====================  =======================
-    ``mail.host``           ``host``              ``localhost``
-    ``mail.port``           ``port``              25 (465 with mail.ssl)
-    ``mail.username``       ``username``
-    ``mail.password``       ``password``
-    ``mail.tls``            ``force_tls``         false
-    ``mail.ssl``            ``implicit_tls``      false
-    ``mail.no_tls``         ``no_tls``            false
-    ``mail.ca_file``        ``ca_file``
-    ``mail.timeout``        ``timeout``           10
-    ``mail.queue_path``     ``queue_path``        (direct delivery)
-    ``mail.default_sender`` ``default_sender``
-    ``mail.processor``      ``processor``         true with a queue_path
-    ``mail.interval``       ``interval``          3
-    ``mail.concurrency``    ``concurrency``       4
-    ``mail.retry_*``        ``retry``             RetryPolicy()
-    ======================  ====================  =======================
+    Each attribute is the setting of the same name (``mail.host`` is
+    :attr:`host`), except ``mail.tls`` (:attr:`force_tls`), ``mail.ssl``
+    (:attr:`implicit_tls`) and ``mail.retry_*`` (:attr:`retry`, a
+    :class:`~mailoutbox.retry.RetryPolicy`).  The password is not shown in
+    the ``repr()``.
     """
 
     host: str = "localhost"
