@@ -1,0 +1,417 @@
+"""Mailers: hand a message to an SMTP relay or to a local sendmail program.
+
+:class:`SMTPMailer` keeps one SMTP connection per thread and reuses it for
+consecutive messages, pipelining the envelope when the server allows it.
+:class:`SendmailMailer` runs a sendmail-compatible program per message.
+Both raise the classified errors of :mod:`mailoutbox.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import smtplib
+import ssl
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import NoReturn
+
+from zope.interface import implementer
+
+from ._smtp import Connection
+from ._smtp import encode_data
+from ._smtp import envelope_address
+from .errors import MailAuthenticationError
+from .errors import MailConnectionError
+from .errors import MailTLSError
+from .errors import PermanentMailError
+from .errors import classify
+from .interfaces import ISendmailMailer
+from .interfaces import ISMTPMailer
+
+__all__ = ["SMTPMailer", "SendmailMailer"]
+
+log = logging.getLogger(__name__)
+
+Refused = dict[str, tuple[int, str]]
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MESSAGE_ID = re.compile(rb"^Message-Id:\s*<?([^>\s]+)", re.IGNORECASE | re.MULTILINE)
+
+
+class _MessageId:
+    """The Message-Id of wire-encoded data, found only if a log line that
+    names it is emitted."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __str__(self) -> str:
+        header = _HEADER_END.split(self.data, 1)[0]
+        match = _MESSAGE_ID.search(header)
+        return match.group(1).decode("ascii", "replace") if match else "(no Message-Id)"
+
+
+def _envelope(fromaddr: str, toaddrs: Sequence[str]) -> tuple[str, list[str]]:
+    if isinstance(toaddrs, (str, bytes)):
+        raise TypeError("toaddrs must be a sequence of addresses, not one string")
+    sender = envelope_address(fromaddr, sender=True)
+    recipients = [envelope_address(address) for address in toaddrs]
+    if not recipients:
+        raise PermanentMailError("no recipients")
+    return sender, recipients
+
+
+def _reraise(exc: Exception) -> NoReturn:
+    error = classify(exc)
+    if error is exc:
+        raise exc
+    raise error from exc
+
+
+@implementer(ISMTPMailer)
+class SMTPMailer:
+    """See :class:`mailoutbox.interfaces.ISMTPMailer`.
+
+    One connection is kept per thread.  :meth:`vote` opens (or checks) the
+    calling thread's connection; :meth:`send` uses it, opening one if
+    needed, and leaves it open for the next message; :meth:`abort` closes
+    it; :meth:`close` closes the connections of all threads and must not be
+    called while a message is being sent.  A connection the server dropped
+    while idle is replaced transparently, once, as long as nothing of the
+    new message was accepted; nothing is retried after the end of the data
+    was sent, since that could deliver a message twice.
+    """
+
+    #: The class of the SMTP sessions (a :class:`smtplib.SMTP` subclass).
+    connection_class = Connection
+
+    def __init__(
+        self,
+        hostname: str = "localhost",
+        port: int = 25,
+        username: str | None = None,
+        password: str | None = None,
+        no_tls: bool = False,
+        force_tls: bool = False,
+        implicit_tls: bool = False,
+        timeout: float | None = 10,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
+        local_hostname: str | None = None,
+    ) -> None:
+        if no_tls and force_tls and not implicit_tls:
+            raise ValueError("no_tls and force_tls cannot both be set")
+        self.hostname = hostname
+        self.port = int(port)
+        self.username = username
+        self.password = password
+        self.no_tls = no_tls
+        self.force_tls = force_tls
+        self.implicit_tls = implicit_tls
+        self.timeout = timeout
+        self.ca_file = ca_file
+        self.local_hostname = local_hostname
+        self._ehlo_name = local_hostname  # looked up once, by the first connection
+        self._ssl_context = ssl_context
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: dict[Connection, threading.Thread] = {}
+
+    def __repr__(self) -> str:
+        user = f" user={self.username!r}" if self.username else ""
+        return f"<{type(self).__name__} {self.hostname}:{self.port}{user}>"
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The context for STARTTLS and implicit TLS; by default one that
+        verifies certificates and host names against the system's
+        authorities, or *ca_file*'s."""
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context(cafile=self.ca_file)
+        return self._ssl_context
+
+    @ssl_context.setter
+    def ssl_context(self, context: ssl.SSLContext | None) -> None:
+        self._ssl_context = context
+
+    # -- IMailer -----------------------------------------------------------
+
+    def vote(self, fromaddr: str, toaddrs: Sequence[str], message: bytes) -> None:
+        """See :class:`mailoutbox.interfaces.IMailer`."""
+        sender, recipients = _envelope(fromaddr, toaddrs)
+        try:
+            connection = self._current()
+            if connection is not None:
+                try:
+                    connection.ping()
+                except (
+                    smtplib.SMTPServerDisconnected,
+                    smtplib.SMTPResponseException,
+                ) as exc:
+                    if not self._dropped_while_idle(connection, exc):
+                        raise
+                    self._forget(connection)
+                    connection = None
+            if connection is None:
+                connection = self._connect()
+            self._check_smtputf8(connection, sender, recipients)
+        except Exception as exc:
+            self._forget_if_closed()
+            _reraise(exc)
+
+    def send(
+        self, fromaddr: str, toaddrs: Sequence[str], message: bytes | str
+    ) -> Refused:
+        """See :class:`mailoutbox.interfaces.IMailer`."""
+        sender, recipients = _envelope(fromaddr, toaddrs)
+        data = encode_data(message)
+        try:
+            connection = self._current()
+            reused = connection is not None
+            if connection is None:
+                connection = self._connect()
+            try:
+                refused = self._transaction(connection, sender, recipients, data)
+            except (
+                smtplib.SMTPServerDisconnected,
+                smtplib.SMTPResponseException,
+            ) as exc:
+                if not (reused and self._dropped_while_idle(connection, exc)):
+                    raise
+                log.info(
+                    "%s:%s closed the idle connection (%s); reconnecting to send %s",
+                    self.hostname,
+                    self.port,
+                    exc,
+                    _MessageId(data),
+                )
+                self._forget(connection)
+                refused = self._transaction(self._connect(), sender, recipients, data)
+        except Exception as exc:
+            self._forget_if_closed()
+            _reraise(exc)
+        if refused:
+            log.info("sent %s; refused recipients: %s", _MessageId(data), refused)
+        else:
+            log.debug("sent %s to %d recipient(s)", _MessageId(data), len(recipients))
+        return refused
+
+    def abort(self) -> None:
+        """See :class:`mailoutbox.interfaces.IMailer`."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.quit_quietly()
+            self._forget(connection)
+
+    def close(self) -> None:
+        """See :class:`mailoutbox.interfaces.ISMTPMailer`."""
+        with self._lock:
+            connections = list(self._connections)
+            self._connections.clear()
+        for connection in connections:
+            connection.quit_quietly()
+
+    # -- connections -------------------------------------------------------
+
+    def _current(self) -> Connection | None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and connection.sock is None:
+            self._forget(connection)
+            return None
+        return connection
+
+    def _forget(self, connection: Connection) -> None:
+        with self._lock:
+            self._connections.pop(connection, None)
+        self._local.connection = None
+        connection.close()
+
+    def _forget_if_closed(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and connection.sock is None:
+            self._forget(connection)
+
+    def _connect(self) -> Connection:
+        with self._lock:
+            # Connections of threads that ended are closed, without QUIT.
+            dead = [c for c, t in self._connections.items() if not t.is_alive()]
+            for connection in dead:
+                del self._connections[connection]
+        for connection in dead:
+            connection.close()
+        log.debug("connecting to %s:%s", self.hostname, self.port)
+        connection = self.connection_class(
+            self.hostname,
+            self.port,
+            local_hostname=self.local_hostname or self._ehlo_name,
+            timeout=self.timeout,
+            implicit_context=self.ssl_context if self.implicit_tls else None,
+        )
+        try:
+            self._handshake(connection)
+        except BaseException:
+            connection.close()
+            raise
+        self._ehlo_name = connection.local_hostname
+        with self._lock:
+            self._connections[connection] = threading.current_thread()
+        self._local.connection = connection
+        log.debug(
+            "connected to %s:%s (TLS: %s, ESMTP: %s, PIPELINING: %s)",
+            self.hostname,
+            self.port,
+            connection.tls,
+            connection.does_esmtp,
+            connection.has_extn("pipelining"),
+        )
+        return connection
+
+    def _handshake(self, connection: Connection) -> None:
+        connection.ehlo_or_helo_if_needed()
+        if not (self.implicit_tls or self.no_tls):
+            if connection.has_extn("starttls"):
+                try:
+                    connection.starttls(context=self.ssl_context)
+                except smtplib.SMTPResponseException as exc:
+                    raise MailTLSError(
+                        "STARTTLS refused",
+                        exc.smtp_code,
+                        exc.smtp_error.decode("utf-8", "replace"),
+                    ) from exc
+                connection.tls = True
+                connection.ehlo_or_helo_if_needed()
+            elif self.force_tls:
+                raise MailTLSError(
+                    f"{self.hostname}:{self.port} does not offer STARTTLS,"
+                    " and force_tls forbids sending without TLS"
+                )
+        if self.username:
+            self._login(connection)
+
+    def _login(self, connection: Connection) -> None:
+        if not connection.has_extn("auth"):
+            raise MailAuthenticationError(
+                f"a username is configured, but {self.hostname}:{self.port}"
+                " does not offer AUTH"
+                + ("" if connection.does_esmtp else " (it does not speak ESMTP)")
+                + ("" if connection.tls or self.no_tls else " (without TLS)")
+            )
+        problem = None
+        try:
+            connection.login(self.username, self.password or "")
+        except UnicodeError:
+            # Raised outside this block, so that no traceback shows the
+            # encoding error, which quotes the password.
+            problem = "the user name and password must be ASCII"
+        except smtplib.SMTPException as exc:
+            if type(exc) is not smtplib.SMTPException:
+                raise
+            problem = f"no AUTH mechanism in common with {self.hostname}:{self.port}"
+        if problem is not None:
+            raise MailAuthenticationError(problem)
+        log.debug(
+            "authenticated to %s:%s as %s", self.hostname, self.port, self.username
+        )
+
+    def _check_smtputf8(
+        self, connection: Connection, sender: str, recipients: list[str]
+    ) -> bool:
+        if sender.isascii() and all(address.isascii() for address in recipients):
+            return False
+        if not connection.has_extn("smtputf8"):
+            raise PermanentMailError(
+                "the envelope has non-ASCII addresses, but"
+                f" {self.hostname}:{self.port} does not offer SMTPUTF8"
+            )
+        return True
+
+    def _transaction(
+        self, connection: Connection, sender: str, recipients: list[str], data: bytes
+    ) -> Refused:
+        smtputf8 = self._check_smtputf8(connection, sender, recipients)
+        return connection.transaction(sender, recipients, data, smtputf8)
+
+    @staticmethod
+    def _dropped_while_idle(connection: Connection, exc: Exception) -> bool:
+        # Before the server said yes to anything in this exchange, and the
+        # connection was closed (not timed out) or the server said 421.
+        if connection.stage != "start":
+            return False
+        error = classify(exc)
+        return error.code == 421 or isinstance(error, MailConnectionError)
+
+
+@implementer(ISendmailMailer)
+class SendmailMailer:
+    """See :class:`mailoutbox.interfaces.ISendmailMailer`.
+
+    The message goes to the program's standard input with LF line ends (the
+    local convention; the program converts them for SMTP).  A null sender
+    is passed as ``-f <>``.  The exit status is classified by
+    :func:`mailoutbox.errors.classify`: EX_OSERR (71), EX_IOERR (74),
+    EX_TEMPFAIL (75) and death by a signal are transient, any other
+    non-zero status is permanent; the error names the status and quotes the
+    first lines the program wrote to its standard error.  A program that
+    runs longer than *timeout* seconds is killed (transient error).
+    """
+
+    def __init__(
+        self, command: str = "/usr/sbin/sendmail", timeout: float | None = 60
+    ) -> None:
+        self.command = command
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.command}>"
+
+    def _arguments(self, fromaddr: str, toaddrs: Sequence[str]) -> list[str]:
+        sender, recipients = _envelope(fromaddr, toaddrs)
+        if sender.startswith("-"):
+            raise ValueError(f"the sender must not start with '-': {sender!r}")
+        return [self.command, "-i", "-f", sender or "<>", "--", *recipients]
+
+    def vote(self, fromaddr: str, toaddrs: Sequence[str], message: bytes) -> None:
+        """Check the addresses, and that the command is an executable file."""
+        self._arguments(fromaddr, toaddrs)
+        if shutil.which(self.command) is None:
+            raise MailConnectionError(f"{self.command} is not an executable file")
+
+    def send(
+        self, fromaddr: str, toaddrs: Sequence[str], message: bytes | str
+    ) -> Refused:
+        """See :class:`mailoutbox.interfaces.IMailer`; returns ``{}``."""
+        argv = self._arguments(fromaddr, toaddrs)
+        if isinstance(message, str):
+            message = message.encode("utf-8")
+        data = message.replace(b"\r\n", b"\n")
+        try:
+            process = subprocess.run(  # noqa: S603 - no shell; "--" ends options
+                argv,
+                input=data,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=self.timeout,
+                check=True,
+            )
+        except OSError as exc:
+            raise MailConnectionError(
+                f"cannot run {self.command}: {exc.strerror}"
+            ) from exc
+        except subprocess.SubprocessError as exc:
+            _reraise(exc)
+        log.debug(
+            "%s accepted %s (exit status %d)",
+            self.command,
+            _MessageId(data),
+            process.returncode,
+        )
+        return {}
+
+    def abort(self) -> None:
+        """Nothing to undo: no process is started before :meth:`send`."""
