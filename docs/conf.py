@@ -3,6 +3,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src")))
+# Local extensions: cliref renders the mailoutbox command's reference.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "_ext")))
 
 project = "mailoutbox"
 author = "The mailoutbox developers"
@@ -15,6 +17,7 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.viewcode",
     "repoze.sphinx.autointerface",
+    "cliref",
 ]
 intersphinx_mapping = {}
 autodoc_member_order = "bysource"

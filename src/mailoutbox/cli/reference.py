@@ -11,10 +11,14 @@ import re
 __all__ = ["format_reference"]
 
 _SPECIAL = re.compile(r"([*`|\\])")
+_OPTION = re.compile(r"(?<![\w-])(--?[a-z][a-z0-9-]*)")
 
 
 def _escape(text: str) -> str:
-    return _SPECIAL.sub(r"\\\1", " ".join(text.split()))
+    """*text* as reST: markup escaped, options as literals (so that
+    ``--daemon`` does not turn into an en dash)."""
+    text = _SPECIAL.sub(r"\\\1", " ".join(text.split()))
+    return _OPTION.sub(r"``\1``", text)
 
 
 def _usage(parser: argparse.ArgumentParser) -> list[str]:
