@@ -255,6 +255,19 @@ def test_commit_queues(queue_path, tm):
         assert mode == 0o700
 
 
+def test_queue_folder_removed_while_running_is_made_again(queue_path, tm):
+    import shutil
+
+    delivery = QueuedMailDelivery(queue_path, tm)
+    delivery.send("a@x.org", ["b@x.org"], message(1))
+    tm.commit()
+    shutil.rmtree(queue_path)
+    delivery.send("a@x.org", ["b@x.org"], message(2))
+    delivery.send("a@x.org", ["b@x.org"], message(3))
+    tm.commit()
+    assert len(queued(queue_path)) == 2
+
+
 def test_abort_queues_nothing(queue_path, tm):
     delivery = QueuedMailDelivery(queue_path, tm)
     delivery.send("a@x.org", ["b@x.org"], MESSAGE)

@@ -238,6 +238,32 @@ def test_property_parse_address_only_raises_value_error(text):
         assert parse_address(format_address(name, spec)) == (name, spec)
 
 
+_addressish = st.text(st.sampled_from("aZ09.-_+@<>\" ,!~é"), max_size=24)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=_addressish | _addr_specs)
+def test_property_fast_path_agrees_with_the_parser(text):
+    """Simple addresses skip the parser; the parser accepts them as they are."""
+    if mod._SIMPLE.match(text) and len(text) - text.index("@") <= 254:
+        assert mod._split(text) == ("", text)
+    try:
+        expected = mod._split(text)
+    except ValueError:
+        expected = None
+    try:
+        assert parse_address(text) == expected
+    except ValueError:
+        assert expected is None
+
+
+def test_long_simple_domain_goes_through_the_parser():
+    domain = ".".join(["a" * 63] * 4)  # 255 characters
+    assert mod._SIMPLE.match("j@" + domain)
+    with pytest.raises(ValueError, match="longer than 253"):
+        parse_address("j@" + domain)
+
+
 # -- message ids ---------------------------------------------------------------
 
 MSGID = re.compile(r"\d{14}\.\d{6}\.[0-9a-f]{16}\.\d+@[A-Za-z0-9.-]+\Z")

@@ -157,10 +157,14 @@ class QueuedDataManager(_DataManager):
         path = self.delivery.queuePath
         message_id = self.messages[0].message_id
         try:
-            self.maildir = maildir = Maildir(path, create=True)
+            self.maildir = maildir = self.delivery.maildir()
             for message in self.messages:
                 message_id = message.message_id
-                writer = maildir.newMessage()
+                try:
+                    writer = maildir.newMessage()
+                except FileNotFoundError:  # the folder was removed: make it
+                    self.maildir = maildir = self.delivery.maildir(fresh=True)
+                    writer = maildir.newMessage()
                 self.writers.append((message_id, writer))
                 writer.write(message.envelope)
                 writer.write(message.data)
@@ -402,6 +406,14 @@ class QueuedMailDelivery(_Delivery):
     def __init__(self, queuePath: str, transaction_manager: Any = None) -> None:
         super().__init__(transaction_manager)
         self.queuePath = str(queuePath)
+        self._maildir: Maildir | None = None
+
+    def maildir(self, fresh: bool = False) -> Maildir:
+        """The queue's :class:`~mailoutbox.maildir.Maildir`, created if
+        needed when first used (or again with *fresh*)."""
+        if self._maildir is None or fresh:
+            self._maildir = Maildir(self.queuePath, create=True)
+        return self._maildir
 
     def __repr__(self) -> str:
         return f"<QueuedMailDelivery {self.queuePath!r}>"

@@ -42,7 +42,14 @@ _ATEXT = frozenset("!#$%&'*+-/=?^_`{|}~")
 #: Characters that must be quoted in a display name.
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 _FORBIDDEN = ("\r", "\n", "\0")
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_LABEL_TEXT = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL = re.compile(_LABEL_TEXT + r"\Z")
+#: The common case, checked without the parser: an ASCII dot-atom at a host
+#: name (the parser accepts exactly these too).
+_SIMPLE = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    rf"@{_LABEL_TEXT}(?:\.{_LABEL_TEXT})*\Z"
+)
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+\Z")
 _ID_PART = rb"[^\x00-\x20\x7f-\xff<>@]+"
 _MSG_ID = re.compile(rb"<(%s@%s)>\Z" % (_ID_PART, _ID_PART))
@@ -230,6 +237,8 @@ def parse_address(address: str) -> tuple[str, str]:
                 f"invalid address {address!r}: it contains {char!r}"
                 " (CR, LF and NUL are not allowed)"
             )
+    if _SIMPLE.match(address) and len(address) - address.index("@") <= 254:
+        return "", address
     try:
         return _split(address)
     except _Invalid as exc:
