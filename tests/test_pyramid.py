@@ -357,6 +357,53 @@ def test_mail_events_reach_the_application_subscribers(caplog):
     assert "failed on" in caplog.text
 
 
+@pytest.fixture
+def zope_component_dispatch():
+    import zope.component.event  # installs its dispatch
+    import zope.component.testing
+
+    assert zope.component.event.dispatch in zope.event.subscribers
+    zope.component.testing.setUp()
+    yield
+    zope.component.testing.tearDown()
+
+
+def test_global_registry_is_not_notified_twice(zope_component_dispatch):
+    """An application using the global registry (Pyramid's "ZCA global API"
+    set-up) gets each event once, from zope.component's dispatch."""
+    config = Configurator(registry=zope.component.getGlobalSiteManager())
+    config.setup_registry()
+    config.include("mailoutbox.pyramid.integrate")
+    received = []
+    config.add_subscriber(received.append, IMailSentEvent)
+    config.commit()
+    event = MailSentEvent("abc@example.org")
+    zope.event.notify(event)
+    assert received == [event]
+
+
+def test_hooked_registry_is_not_notified_twice(zope_component_dispatch):
+    """After config.hook_zca(), zope.component's dispatch reaches the current
+    application in its own threads, the forwarder elsewhere."""
+    config = Configurator()
+    config.hook_zca()
+    try:
+        config.include("mailoutbox.pyramid.integrate")
+        received = []
+        config.add_subscriber(received.append, IMailSentEvent)
+        config.commit()
+        inside, outside = MailSentEvent("in@x.org"), MailSentEvent("out@x.org")
+        config.begin()
+        try:
+            zope.event.notify(inside)
+        finally:
+            config.end()
+        zope.event.notify(outside)
+        assert received == [inside, outside]
+    finally:
+        config.unhook_zca()
+
+
 def test_registries_are_held_weakly():
     forwarder = mailoutbox.pyramid._EventForwarder()
     registry = Registry()

@@ -18,6 +18,7 @@ so ``config.add_subscriber(handler, IMailSentEvent)`` works.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ import transaction
 import zope.event
 from pyramid.exceptions import ConfigurationError
 from pyramid.settings import asbool
+from zope.component import getSiteManager
 from zope.interface import Attribute
 from zope.interface import Interface
 from zope.interface import implementer
@@ -46,6 +48,7 @@ from mailoutbox.zcml import start_processor_thread
 __all__ = [
     "IMailSettings",
     "MailSettings",
+    "bind",
     "get_delivery",
     "get_mail_settings",
     "get_mailer",
@@ -295,11 +298,24 @@ class _EventForwarder:
     def __call__(self, event: Any) -> None:
         if not IMailEvent.providedBy(event):
             return
+        reached = _reached_by_zope_component()
         for registry in self.registries():
+            if registry is reached:
+                continue  # zope.component's own dispatch notifies it
             try:
-                registry.notify(event)
+                registry.subscribers((event,), None)
             except Exception:
                 log.exception("a subscriber of %s failed on %r", registry, event)
+
+
+def _reached_by_zope_component() -> Any:
+    """The registry that zope.component's event dispatch notifies now (the
+    global one, or the current Pyramid one after ``config.hook_zca()``), or
+    None when that dispatch is not installed."""
+    module = sys.modules.get("zope.component.event")
+    if module is None or module.dispatch not in zope.event.subscribers:
+        return None
+    return getSiteManager()
 
 
 _forwarder = _EventForwarder()
