@@ -888,6 +888,16 @@ def test_log_lines_name_the_message_id(server, make_mailer, caplog):
     ) in messages
 
 
+def test_test_server_drops_connections_only_while_running():
+    server = SMTPServer()
+    with pytest.raises(RuntimeError, match="not running"):
+        server.drop_connections()
+    server.stop()  # not started: nothing to stop
+    with server:
+        assert server.drop_connections() == 0
+    server.stop()  # stopped already
+
+
 # -- Postfix's smtp-sink ------------------------------------------------------
 
 
