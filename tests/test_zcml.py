@@ -315,6 +315,28 @@ def test_a_stopped_thread_is_replaced(queue_path):
     assert processor_threads() == {os.path.realpath(queue_path): second}
 
 
+def test_a_thread_that_does_not_stop_in_time_stays_registered(smtp_server, tmp_path):
+    def mailer():
+        return SMTPMailer(smtp_server.host, smtp_server.port)
+
+    slow = start_processor_thread(str(tmp_path / "slow"), mailer(), interval=0.01)
+    idle = start_processor_thread(str(tmp_path / "idle"), mailer(), interval=0.01)
+    smtp_server.slow(0.3)
+    with transaction.manager:
+        QueuedMailDelivery(str(tmp_path / "slow")).send(
+            "app@example.org", ["jane@example.org"], MESSAGE
+        )
+    wait_for(lambda: smtp_server.connections)
+    with pytest.raises(TimeoutError):
+        stop_processor_threads(timeout=0.05)
+    assert not idle.is_alive()
+    assert processor_threads() == {os.path.realpath(tmp_path / "slow"): slow}
+    stop_processor_threads(timeout=10)
+    assert not slow.is_alive()
+    assert processor_threads() == {}
+    assert len(smtp_server.messages) == 1
+
+
 def test_threads_start_only_when_the_whole_configuration_succeeds(queue_path):
     with pytest.raises(ConfigurationError, match="Undefined permission"):
         load(

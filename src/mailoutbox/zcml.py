@@ -404,10 +404,26 @@ def start_processor_thread(
 
 
 def stop_processor_threads(timeout: float | None = None) -> None:
-    """Stop every processor thread started here, and forget them."""
+    """Stop every processor thread started here, and forget them.
+
+    Each thread finishes the messages in flight; with *timeout*, each gets
+    that many seconds.  Those that did not stop in time stay registered (a
+    later call waits for them again), and the first :class:`TimeoutError`
+    is raised once all were asked to stop.
+    """
     with _threads_lock:
         threads = list(_threads.items())
         _threads.clear()
+    errors: list[TimeoutError] = []
     for key, thread in threads:
-        thread.stop(timeout)
-        log.info("stopped the processor thread for %s", key)
+        try:
+            thread.stop(timeout)
+        except TimeoutError as exc:
+            log.error("the processor thread for %s did not stop in time", key)
+            errors.append(exc)
+            with _threads_lock:
+                _threads.setdefault(key, thread)
+        else:
+            log.info("stopped the processor thread for %s", key)
+    if errors:
+        raise errors[0]
