@@ -267,10 +267,12 @@ def test_reference_documents_every_subcommand_and_option():
 def test_reference_escapes_markup():
     import argparse
 
-    parser = argparse.ArgumentParser(prog="x", description="a *b* `c` |d|")
+    parser = argparse.ArgumentParser(
+        prog="x", description="a *b* `c` |d| --flag -f e-mail '-'"
+    )
     parser.add_argument("--flag", help=None)
     text = format_reference(parser)
-    assert r"a \*b\* \`c\` \|d\|" in text
+    assert r"a \*b\* \`c\` \|d\| ``--flag`` ``-f`` e-mail '-'" in text
 
 
 # -- settings and --config -------------------------------------------------------

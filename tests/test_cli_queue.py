@@ -341,15 +341,27 @@ def test_retry_never_breaks_a_claim_even_an_old_one(queue):
 
 
 def test_retry_all(queue):
-    result = cli("retry", queue.path, "--all", "-q")
+    result = cli("retry", queue.path, "--all")
     assert result.code == EXIT_OK
     assert sorted(result.out.splitlines()) == sorted([
         f"{queue.failed.name}: failed -> queued",
         f"{queue.deferred.name}: deferred -> queued",
         f"{queue.overdue.name}: deferred -> queued",
+        "3 message(s) queued for the next pass",
     ])
     data = json.loads(cli("status", queue.path, "--json").out)
     assert (data["queued"], data["deferred"], data["failed"]) == (4, 0, 0)
+
+
+def test_quiet_repairs_print_only_errors_and_notes(queue):
+    result = cli("retry", queue.path, "f@x", "s@x", "-q")
+    assert result.code == EXIT_OK
+    assert result.out == ""
+    assert result.err == (
+        f"mailoutbox: {queue.sending.name}: being sent now; left alone\n"
+    )
+    result = cli("purge", queue.path, "--failed", "--yes", "-q")
+    assert (result.code, result.out) == (EXIT_OK, "")
 
 
 def test_retry_reports_missing_ids_and_does_the_rest(queue):

@@ -68,7 +68,7 @@ def test_run_once_sends_the_queue(smtp_server, queue_path):
     ids = fill(queue_path, 3)
     result = cli("run", queue_path, *to(smtp_server))
     assert result.code == EXIT_OK, result.err
-    assert result.out.startswith("sent 3, deferred 0, failed 0, not due 0 (")
+    assert result.out.startswith("sent 3, deferred 0, failed 0, skipped 0 (")
     assert sorted(smtp_server.message_ids()) == ids
     assert status(queue_path)["queued"] == 0
     assert result.err == ""
@@ -97,7 +97,7 @@ def test_a_deferral_makes_run_exit_1_and_retry_options_apply(queue_path):
     assert before + 1800 <= data["next_attempt"] <= time.time() + 1800
     again = cli("run", queue_path, "--port", "1")
     assert again.code == EXIT_OK  # not due yet: nothing attempted
-    assert again.out.startswith("sent 0, deferred 0, failed 0, not due 1")
+    assert again.out.startswith("sent 0, deferred 0, failed 0, skipped 1")
 
 
 def test_run_with_only_a_zope_sendmail_config_file(smtp_server, tmp_path):
@@ -257,12 +257,14 @@ def test_progress_bar_that_was_never_drawn_writes_nothing():
 # -- signals ------------------------------------------------------------------------
 
 
-def signal_when(condition, signum: int, timeout: float = 10.0) -> threading.Thread:
-    """Send *signum* to this process once *condition* holds (or after
-    *timeout*, so that a test never hangs)."""
+def signal_when(condition, signum: int, timeout: float = 10.0,
+                always: bool = False) -> threading.Thread:
+    """Send *signum* to this process once *condition* holds; after
+    *timeout*, send it anyway if *always* (to end a daemon, so that the
+    test cannot hang), else not (the command has ended by itself)."""
     def wait_and_signal() -> None:
-        wait_for(condition, timeout)
-        os.kill(os.getpid(), signum)
+        if wait_for(condition, timeout) or always:
+            os.kill(os.getpid(), signum)
 
     thread = threading.Thread(target=wait_and_signal, daemon=True)
     thread.start()
@@ -273,7 +275,7 @@ def test_sigterm_stops_the_daemon_gracefully(smtp_server, queue_path):
     ids = fill(queue_path, 3)
     handler = signal.getsignal(signal.SIGTERM)
     signaller = signal_when(lambda: len(smtp_server.messages) == 3,
-                            signal.SIGTERM)
+                            signal.SIGTERM, always=True)
     result = cli("run", queue_path, *to(smtp_server), "--daemon", "--interval",
                  "0.1")
     signaller.join(10)

@@ -16,8 +16,10 @@ __all__ = [
 ]
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``--verbose`` and ``--quiet``."""
+def add_common_arguments(parser: argparse.ArgumentParser,
+                         quiet: str | None = None) -> None:
+    """``--config``, ``--verbose``, and ``--quiet`` (described by *quiet*)
+    if the command has something to leave out."""
     parser.add_argument(
         "-c", "--config", metavar="INI",
         help="read settings from this INI file ('-': standard input): its"
@@ -28,10 +30,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "-v", "--verbose", action="count", default=0,
         help="log what happens to each message (-vv: debugging details)",
     )
-    parser.add_argument(
-        "-q", "--quiet", action="count", default=0,
-        help="print only errors",
-    )
+    if quiet is None:
+        parser.set_defaults(quiet=0)
+    else:
+        parser.add_argument("-q", "--quiet", action="count", default=0, help=quiet)
 
 
 def add_queue_argument(parser: argparse.ArgumentParser) -> None:

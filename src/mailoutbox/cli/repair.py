@@ -7,6 +7,7 @@ deferred messages are claimed first, exactly as a processor claims them
 from __future__ import annotations
 
 import argparse
+import io
 from typing import Any
 
 from mailoutbox.cli.common import add_common_arguments
@@ -24,6 +25,7 @@ __all__ = ["add_parsers", "purge", "retry"]
 
 #: Repairs never break another process's claim.
 NEVER_STALE = float("inf")
+QUIET = "print only errors and the messages left alone, not what was done"
 
 
 def add_parsers(commands: Any) -> None:
@@ -43,7 +45,7 @@ def add_parsers(commands: Any) -> None:
         "--all", action="store_true",
         help="retry every failed and deferred message",
     )
-    add_common_arguments(parser)
+    add_common_arguments(parser, quiet=QUIET)
     parser.set_defaults(func=retry)
 
     parser = commands.add_parser(
@@ -68,8 +70,15 @@ def add_parsers(commands: Any) -> None:
     parser.add_argument(
         "--yes", action="store_true", help="really delete, for --failed/--deferred"
     )
-    add_common_arguments(parser)
+    add_common_arguments(parser, quiet=QUIET)
     parser.set_defaults(func=purge)
+
+
+class _Discard(io.StringIO):
+    """Where ``--quiet`` sends what it silences."""
+
+    def write(self, text: str) -> int:
+        return len(text)
 
 
 def _targets(
@@ -105,8 +114,9 @@ def retry(args: argparse.Namespace, console: Console) -> int:
     else:
         messages, missing = _targets(view, args.ids, console)
     done = 0
+    report = Console(_Discard(), console.stderr) if args.quiet else console
     for message in messages:
-        done += _retry_one(view, message, console)
+        done += _retry_one(view, message, report)
     if not args.quiet:
         console.out(f"{done} message(s) queued for the next pass")
     return EXIT_NOT_FOUND if missing else EXIT_OK
@@ -160,8 +170,9 @@ def purge(args: argparse.Namespace, console: Console) -> int:
     else:
         messages, missing = _targets(view, args.ids, console)
     done = 0
+    report = Console(_Discard(), console.stderr) if args.quiet else console
     for message in messages:
-        done += _purge_one(view, message, console)
+        done += _purge_one(view, message, report)
     if not args.quiet:
         console.out(f"{done} message(s) deleted")
     return EXIT_NOT_FOUND if missing else EXIT_OK

@@ -137,7 +137,10 @@ def add_parser(commands: Any) -> None:
         "--no-progress", action="store_true",
         help="show no progress bar, even on a terminal",
     )
-    add_common_arguments(parser)
+    add_common_arguments(
+        parser, quiet="print no summary line, and log only errors (-qq: not"
+        " even those)",
+    )
     parser.set_defaults(func=run, log_level=0, log_tracebacks=True)
 
 
@@ -288,6 +291,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         elapsed = time.monotonic() - started
         console.out(
             f"sent {stats.sent}, deferred {stats.deferred}, failed"
-            f" {stats.failed}, not due {stats.skipped} ({elapsed:.1f} s)"
+            f" {stats.failed}, skipped {stats.skipped} ({elapsed:.1f} s)"
         )
     return EXIT_NOT_SENT if stats.deferred or stats.failed else EXIT_OK
