@@ -404,6 +404,24 @@ def test_hooked_registry_is_not_notified_twice(zope_component_dispatch):
         config.unhook_zca()
 
 
+def test_events_without_zope_component_dispatch(monkeypatch):
+    """Without zope.component's dispatch among zope.event's subscribers, the
+    forwarder alone notifies the registries, global one included."""
+    monkeypatch.setattr(zope.event, "subscribers", [])
+    forwarder = mailoutbox.pyramid._EventForwarder()
+    registry = zope.component.getGlobalSiteManager()
+    received = []
+    registry.registerHandler(received.append, [IMailSentEvent])
+    try:
+        forwarder.add(registry)
+        assert zope.event.subscribers == [forwarder]
+        event = MailSentEvent("abc@example.org")
+        zope.event.notify(event)
+        assert received == [event]
+    finally:
+        registry.unregisterHandler(received.append, [IMailSentEvent])
+
+
 def test_registries_are_held_weakly():
     forwarder = mailoutbox.pyramid._EventForwarder()
     registry = Registry()
