@@ -25,6 +25,7 @@ from __future__ import annotations
 import email.message
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import transaction
@@ -62,16 +63,15 @@ MAX_HOOK_DEFERRALS = 10
 _OPEN, _VOTED, _FINISHED, _ABORTED = "open", "voted", "finished", "aborted"
 
 
+@dataclass(slots=True)
 class _Message:
-    __slots__ = ("data", "envelope", "fromaddr", "message_id", "toaddrs")
+    """A message prepared by ``send()``, waiting for the commit."""
 
-    def __init__(self, message_id: str, fromaddr: str, toaddrs: tuple[str, ...],
-                 data: bytes, envelope: bytes = b"") -> None:
-        self.message_id = message_id
-        self.fromaddr = fromaddr
-        self.toaddrs = toaddrs
-        self.data = data
-        self.envelope = envelope
+    message_id: str
+    fromaddr: str
+    toaddrs: tuple[str, ...]
+    data: bytes
+    envelope: bytes = b""  # the queue file's envelope lines
 
 
 @implementer(IDataManagerSavepoint)
