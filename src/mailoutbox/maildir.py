@@ -88,6 +88,10 @@ def _unlink(path: str) -> bool:
     return True
 
 
+def _is_folder(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
 class _Names:
     """Unique, time-ordered file names (``SECONDS.MusecPpidQnRrand.host``)."""
 
@@ -116,12 +120,14 @@ def _write_json_atomically(tmp_dir: str, path: str, data: dict[str, Any],
     temp = os.path.join(tmp_dir, ".state-" + secrets.token_hex(8))
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
     try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
-    finally:
-        os.close(fd)
-    if mtime is not None:
-        os.utime(temp, (mtime, mtime))
-    os.replace(temp, path)
+        with open(fd, "wb") as f:  # writes all of it (os.write may not)
+            f.write(json.dumps(data, sort_keys=True).encode())
+        if mtime is not None:
+            os.utime(temp, (mtime, mtime))
+        os.replace(temp, path)
+    except BaseException:
+        _unlink(temp)  # e.g. the disk is full: leave nothing behind
+        raise
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -388,7 +394,7 @@ class Maildir:
                     base = dotname[len(prefix):]
                     if (folder, base) not in names and not os.path.lexists(
                         os.path.join(folder, base)
-                    ):
+                    ) and not _is_folder(path):  # not ours; unlink() would fail
                         done += _unlink(path)
         for dirent in self._list(self.tmp):
             if dirent.is_dir(follow_symlinks=False):
@@ -517,5 +523,8 @@ class MaildirMessageWriter:
         if self._committed or self._aborted:
             return
         self._aborted = True
-        self._file.close()
+        # Closing flushes what is buffered, which fails again if a write
+        # failed (a full disk): the data is being thrown away anyway.
+        with contextlib.suppress(OSError):
+            self._file.close()
         _unlink(self.tmp_path)
