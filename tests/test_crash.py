@@ -1,0 +1,145 @@
+"""Processes killed (SIGKILL) while draining the queue or committing.
+
+Real processes (tests/_crash_helpers.py) are killed at random moments or at
+chosen points of the two-phase commit; the in-process SMTP server counts
+what it received by Message-Id.  The long version of the first test is
+``reliability/crash_drain.py``.
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from mailoutbox.maildir import TMP_MAX_AGE
+from mailoutbox.maildir import Maildir
+from mailoutbox.mailer import SMTPMailer
+from mailoutbox.queue import QueueProcessorThread
+
+from ._crash_helpers import claims
+from ._crash_helpers import crash_drain
+from ._crash_helpers import is_complete
+from ._crash_helpers import listing
+from ._crash_helpers import queued
+from ._crash_helpers import run_helper
+
+
+def drain(queue, port):
+    """Send what is queued, in this process; return the pass's Stats."""
+    processor = QueueProcessorThread(concurrency=2)
+    processor.setMailer(SMTPMailer("127.0.0.1", port, no_tls=True, timeout=5))
+    processor.setQueuePath(queue)
+    try:
+        return processor.process_queue()
+    finally:
+        processor.stop(timeout=10)
+
+
+def test_processors_killed_mid_drain_lose_nothing(tmp_path):
+    seed = random.randrange(2**32)
+    result = crash_drain(str(tmp_path), messages=200, kills=5, concurrency=3,
+                         lease=1.0, slow=0.02, run_for=(0.2, 1.0), seed=seed)
+    summary = f"seed {seed}: {result}"
+    assert result.lost == 0, summary
+    assert result.delivered == 200, summary
+    # The kills landed while messages were being sent...
+    assert sum(result.claims_at_kills) > 0, summary
+    # ...and only a message in flight at a kill may have been sent twice.
+    assert result.duplicates <= sum(result.claims_at_kills) <= 5 * 3, summary
+    # The final processor broke the dead ones' claims and emptied the queue.
+    assert result.stranded_claims == 0, summary
+    assert result.left_queued == 0, summary
+
+
+def commit_and_die(queue, mode):
+    """Run ``commit-crash``; return the Message-Ids and the queue's state
+    at the kill."""
+    process = run_helper("commit-crash", queue, mode)
+    out, _err = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL, out
+    ids_line, state_line = out.strip().splitlines()
+    return json.loads(ids_line), json.loads(state_line)
+
+
+@pytest.mark.parametrize("mode", ["vote", "finish"])
+def test_kill_between_vote_and_finish_leaves_only_tmp_files_never_sent(
+        mode, queue_path, smtp_server):
+    ids, state = commit_and_die(queue_path, mode)
+    # Killed after the queue's tpc_vote (3 fsynced files in tmp/), before
+    # its tpc_finish (nothing in new/).
+    assert state["phase"] == mode
+    assert len(state["tmp"]) == 3 and state["new"] == []
+    assert listing(queue_path, "tmp") == state["tmp"]
+    assert queued(queue_path) == []
+
+    stats = drain(queue_path, smtp_server.port)
+    assert stats.total == 0
+    assert smtp_server.messages == []
+
+    maildir = Maildir(queue_path)
+    assert maildir.cleanup(maildir.scan()) == 0  # too young to be removed
+    later = time.time() + TMP_MAX_AGE + 1
+    assert maildir.cleanup(maildir.scan(), now=later) == 3
+    assert listing(queue_path, "tmp") == []
+    assert drain(queue_path, smtp_server.port).total == 0
+    assert smtp_server.messages == []
+    assert len(ids) == 3
+
+
+def test_kill_right_after_commit_keeps_the_messages_queued(queue_path, smtp_server):
+    ids, state = commit_and_die(queue_path, "after")
+    assert state["phase"] == "after"
+    assert state["tmp"] == [] and len(state["new"]) == 3
+
+    stats = drain(queue_path, smtp_server.port)
+    assert stats.sent == 3
+    assert Counter(smtp_server.message_ids()) == Counter(ids)
+    assert all(is_complete(m.data) for m in smtp_server.messages)
+    assert queued(queue_path) == [] and claims(queue_path) == []
+
+
+def test_producers_killed_at_random_moments_queue_only_whole_messages(
+        queue_path, smtp_server):
+    rng = random.Random()
+    rounds = 4
+    reported = []
+    for round_ in range(rounds):
+        process = run_helper("produce", queue_path, f"p{round_}", "100000",
+                             "--size", "20000")
+        first = process.stdout.readline()  # it commits: kill it soon
+        time.sleep(rng.uniform(0.05, 0.3))
+        process.send_signal(signal.SIGKILL)
+        out, _err = process.communicate(timeout=30)
+        assert process.returncode == -signal.SIGKILL
+        out = first + out
+        # A last line without its newline may have been cut short.
+        reported.extend(out.splitlines(keepends=True)[:-1])
+        reported.append(out.splitlines(keepends=True)[-1])
+        if not reported[-1].endswith("\n"):
+            reported.pop()
+    reported = [line.strip() for line in reported]
+
+    maildir = Maildir(queue_path)
+    ids = {}
+    for entry in maildir.scan().entries:
+        with open(entry.path, "rb") as f:
+            data = f.read()
+        assert is_complete(data), entry.name  # never a truncated message
+        message = data.split(b"\n", 2)[2]
+        message_id = message.split(b"Message-Id: <", 1)[1].split(b">", 1)[0]
+        ids[message_id.decode()] = entry.name
+    # Every transaction that said it committed is queued; at most one per
+    # kill committed without saying so.
+    assert set(reported) <= set(ids)
+    assert len(ids) - len(reported) <= rounds
+    # At most one message per kill was being written.
+    assert len(listing(queue_path, "tmp")) <= rounds
+
+    stats = drain(queue_path, smtp_server.port)
+    assert stats.sent == len(ids)
+    assert Counter(smtp_server.message_ids()) == Counter(set(ids))
+    assert all(is_complete(m.data) for m in smtp_server.messages)
