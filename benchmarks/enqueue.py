@@ -129,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     if kind in ("tmpfs", "ramfs"):
         output("warning: fsync does nothing on tmpfs; use --dir on a real disk")
     rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    for _run in range(args.runs):
-        for name, contender in CONTENDERS.items():  # interleaved: fair to both
+    for run in range(args.runs):
+        # Interleaved, in alternating order, each starting after the disk
+        # has written out everything pending (such as the last clean-up).
+        order = list(CONTENDERS.items())
+        for name, contender in order if run % 2 == 0 else reversed(order):
             folder = tempfile.mkdtemp(prefix=".enqueue-bench-", dir=args.dir)
             try:
+                os.sync()
                 rates[name].append(contender(folder, args.messages))
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
