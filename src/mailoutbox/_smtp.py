@@ -24,7 +24,12 @@ __all__ = ["Connection", "encode_data", "envelope_address"]
 # common case, which needs no parsing.
 _ATOMS = r"[^\s\x00-\x1f\x7f<>()\[\]\",;:\\@]+"
 _BARE_ADDRESS = re.compile(_ATOMS + "@" + _ATOMS)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters, except TAB: folding white space around an address,
+# which cannot end a command line.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# A quoted string, whose '<' and '>' are part of a local part (RFC 5321
+# qtextSMTP), not the end of the address.
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 # Exceptions after which the session is still in step with the server: the
 # server refused something and said so.  After anything else (a dropped
@@ -56,7 +61,8 @@ def envelope_address(address: str, *, sender: bool = False) -> str:
         return ""
     pairs = getaddresses([address])
     spec = pairs[0][1] if len(pairs) == 1 else ""
-    if not spec or "<" in spec or ">" in spec:
+    unquoted = _QUOTED.sub("", spec)
+    if not spec or "<" in unquoted or ">" in unquoted:
         raise PermanentMailError(f"not a single valid address: {address!r}")
     return spec
 

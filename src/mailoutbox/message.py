@@ -17,6 +17,7 @@ Comments (``(...)``), groups and lists of several addresses are refused.
 from __future__ import annotations
 
 import contextlib
+import email.errors
 import email.message
 import os
 import re
@@ -43,6 +44,8 @@ _ATEXT = frozenset("!#$%&'*+-/=?^_`{|}~")
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 _FORBIDDEN = ("\r", "\n", "\0")
 _LABEL_TEXT = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: Control characters but TAB (which is white space in a quoted string).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _LABEL = re.compile(_LABEL_TEXT + r"\Z")
 #: The common case, checked without the parser: an ASCII dot-atom at a host
 #: name (the parser accepts exactly these too).
@@ -165,6 +168,9 @@ def _parse_display_name(text: str) -> str:
         blank = False
         if char == '"':
             end = _end_of_quoted(text, i)
+            control = _CONTROL.search(text, i, end)
+            if control:
+                raise _Invalid(f"the display name contains {control.group()!r}")
             words.append(re.sub(r"\\(.)", r"\1", text[i + 1:end - 1]))
             i = end
             continue
@@ -288,20 +294,22 @@ def check_recipients(toaddrs: Iterable[str]) -> tuple[str, ...]:
 def check_sender(fromaddr: str) -> str:
     """Check the envelope sender given to ``send()``.
 
-    It must be a ``str`` without CR, LF or NUL.  It is otherwise passed to
-    the mailer as it is (it may be empty, for the null reverse-path).
+    It must be a ``str``: empty or ``<>`` for the null reverse-path, or
+    one valid address (see :func:`parse_address`), so that nothing but its
+    addr-spec can reach the envelope.  It is passed to the mailer as it is.
     """
     if not isinstance(fromaddr, str):
         raise TypeError(
             f"invalid sender {fromaddr!r}: fromaddr must be a str, not"
             f" {type(fromaddr).__name__}"
         )
-    for char in _FORBIDDEN:
-        if char in fromaddr:
-            raise ValueError(
-                f"invalid sender {fromaddr!r}: it contains {char!r}"
-                " (CR, LF and NUL are not allowed)"
-            )
+    if fromaddr.strip(" \t") in ("", "<>"):
+        return fromaddr
+    try:
+        parse_address(fromaddr)
+    except ValueError as exc:
+        text = str(exc).replace("invalid address", "invalid sender", 1)
+        raise ValueError(text) from None
     return fromaddr
 
 
@@ -357,6 +365,8 @@ def _to_bytes(message: bytes | str | email.message.Message) -> bytes:
                 f"the message cannot be serialized: {exc} (give non-ASCII"
                 " text parts a charset)"
             ) from exc
+        except email.errors.MessageError as exc:  # e.g. a header with a newline
+            raise ValueError(f"the message cannot be serialized: {exc}") from exc
     raise TypeError(
         "message must be bytes, str or an email.message.Message, not"
         f" {type(message).__name__}"
@@ -382,6 +392,12 @@ def _scan_headers(data: bytes) -> tuple[bytes, list[bytes]]:
         line = data[position:end]
         if line.endswith(b"\r"):
             line = line[:-1]
+        if b"\r" in line:
+            raise ValueError(
+                f"line {number} of the message has a CR that does not end the"
+                f" line ({line[:60]!r}): it would split the header there on the"
+                " wire"
+            )
         if not line:
             return linesep, [b" ".join(parts).strip() for parts in message_ids]
         if line[:1] in (b" ", b"\t") and number > 1:
