@@ -50,7 +50,7 @@ def fill_queue(path: str, count: int, size_body: bytes = BODY) -> None:
             % (i, i)
             + size_body
         )
-        name = "%d.M%06dP1Q%d.bench" % (now, i, i)
+        name = f"{now:d}.M{i:06d}P1Q{i:d}.bench"
         with open(os.path.join(path, "new", name), "wb") as f:
             f.write(data)
 
@@ -134,7 +134,9 @@ def measure(drain, port: int, count: int, runs: int, tls: bool = False) -> float
 def scenario_smtp_sink(args, results):
     with smtp_sink() as port:
         for name, drain in contenders(args):
-            results[("smtp-sink", name)] = measure(drain, port, args.messages, args.runs)
+            results[("smtp-sink", name)] = measure(
+                drain, port, args.messages, args.runs
+            )
 
 
 def scenario_aiosmtpd(args, results):
@@ -168,7 +170,9 @@ def contenders(args, ca_file=None):
         (f"mailoutbox c={c}", drain_mailoutbox(c, ca_file))
         for c in args.concurrency
     ]
-    return [(n, d) for n, d in chosen if not args.only or any(o in n for o in args.only)]
+    return [
+        (n, d) for n, d in chosen if not args.only or any(o in n for o in args.only)
+    ]
 
 
 def scenario_big_queue(args, results):

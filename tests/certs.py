@@ -40,7 +40,9 @@ def _write(path: str, data: bytes) -> str:
     return path
 
 
-def make_certificates(directory: str, ca_name: str = "mailoutbox test CA") -> Certificates:
+def make_certificates(
+    directory: str, ca_name: str = "mailoutbox test CA"
+) -> Certificates:
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -79,7 +81,10 @@ def make_certificates(directory: str, ca_name: str = "mailoutbox test CA") -> Ce
         .not_valid_after(end)
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
         )

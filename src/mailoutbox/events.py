@@ -8,7 +8,6 @@ from zope.interface import implementer
 from mailoutbox.interfaces import IMailErrorEvent
 from mailoutbox.interfaces import IMailSentEvent
 
-
 __all__ = ["MailErrorEvent", "MailSentEvent"]
 
 

@@ -33,7 +33,6 @@ from zope.schema import Int
 from zope.schema import Password
 from zope.schema import TextLine
 
-
 __all__ = [
     "IDirectMailDelivery",
     "IMailDelivery",
@@ -41,10 +40,10 @@ __all__ = [
     "IMailEvent",
     "IMailQueueProcessor",
     "IMailSentEvent",
-    "IMailer",
     "IMaildir",
     "IMaildirFactory",
     "IMaildirMessageWriter",
+    "IMailer",
     "IQueuedMailDelivery",
     "ISMTPMailer",
     "ISendmailMailer",
