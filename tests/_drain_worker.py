@@ -3,13 +3,14 @@
 Usage::
 
     python tests/_drain_worker.py QUEUE PORT [--concurrency N] [--lease S]
-        [--deadline S]
+        [--deadline S] [--wait]
 
 Makes passes over the queue until it is empty (messages claimed by other
 processors count as not empty: they may be left by a dead processor) or
 *deadline* seconds have passed, then prints the summed counts as JSON and
 exits 0 (1 if the deadline passed first).  It prints ``started`` first,
-once the processor is set up.
+once the processor is set up; with ``--wait`` it then waits for a line on
+its standard input, so that several workers can start at once.
 
 The tests of several processors on one queue (test_processors_multi.py) run
 it; the helpers below are shared with the other queue tests.
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--lease", type=float, default=30.0)
     parser.add_argument("--deadline", type=float, default=60.0)
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for a line on stdin before starting")
     args = parser.parse_args(argv)
 
     from mailoutbox.queue import QueueProcessorThread
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     processor.setMailer(make_mailer(args.port))
     processor.setQueuePath(args.queue)
     print("started", flush=True)
+    if args.wait:
+        sys.stdin.readline()
     totals = {"sent": 0, "deferred": 0, "failed": 0, "skipped": 0, "passes": 0}
     deadline = time.monotonic() + args.deadline
     try:
