@@ -6,14 +6,11 @@ Postfix's smtp-sink, which can answer 421 or drop the connection.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -35,9 +32,6 @@ from mailoutbox.retry import RetryPolicy
 
 from ._drain_worker import fill_queue
 from ._drain_worker import make_mailer
-
-SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-
 
 # -- helpers ------------------------------------------------------------------
 
@@ -101,30 +95,6 @@ def wait_until(predicate, timeout=10.0):
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def smtp_sink(*options):
-    """Postfix's smtp-sink on a free port of 127.0.0.1; yields the port."""
-    if not os.path.exists(SMTP_SINK):  # pragma: no cover - installed by run.sh
-        pytest.skip("smtp-sink is not installed")
-    port = free_port()
-    user = ["-u", "nobody"] if os.getuid() == 0 else []
-    process = subprocess.Popen(
-        [SMTP_SINK, *user, *options, f"127.0.0.1:{port}", "10"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        def listening():
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", port), timeout=1):
-                return True
-            return False
-        wait_until(listening)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(5)
 
 
 class CountingMailer(SMTPMailer):
@@ -330,20 +300,33 @@ def test_connection_refused_defers(make_processor, queue_path, events):
 @pytest.mark.smtpsink
 @pytest.mark.parametrize(("option", "code"), [("-Q", 421), ("-q", None)])
 def test_smtp_sink_421_and_dropped_connection_defer(
-        make_processor, queue_path, events, option, code):
+        smtp_sink, make_processor, queue_path, events, option, code):
     fill_queue(queue_path, 2)
-    with smtp_sink(option, "RCPT") as port:
-        stats = make_processor(port, concurrency=1).process_queue()
+    sink = smtp_sink(option, "RCPT")
+    stats = make_processor(sink.port, concurrency=1).process_queue()
     assert stats.deferred == 2
     assert [(e.permanent, e.code) for e in events] == [(False, code)] * 2
     assert len(queued(queue_path)) == 2
 
 
 @pytest.mark.smtpsink
-def test_smtp_sink_accepts(make_processor, queue_path):
+@pytest.mark.parametrize(("option", "command", "outcome"), [
+    ("-f", "RCPT", "failed"), ("-r", "RCPT", "deferred"),
+    ("-f", ".", "failed"), ("-r", "MAIL", "deferred"),
+])
+def test_smtp_sink_4xx_and_5xx(smtp_sink, make_processor, queue_path,
+                               option, command, outcome):
+    fill_queue(queue_path, 2)
+    sink = smtp_sink(option, command)
+    stats = make_processor(sink.port, concurrency=1).process_queue()
+    assert getattr(stats, outcome) == 2
+
+
+@pytest.mark.smtpsink
+def test_smtp_sink_accepts(smtp_sink, make_processor, queue_path):
     fill_queue(queue_path, 20)
-    with smtp_sink() as port:
-        assert make_processor(port).process_queue().sent == 20
+    sink = smtp_sink()
+    assert make_processor(sink.port).process_queue().sent == 20
     assert queued(queue_path) == []
 
 
