@@ -7,6 +7,7 @@ drains it into the in-process SMTP server.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -46,8 +47,12 @@ def write(path, data):
 
 def plant(queue, folder, outside):
     """Put one of each kind of foreign file in *folder* of *queue*; return
-    the names that are not dot-files (they must end in failed/)."""
-    where = os.path.join(queue, folder)
+    the names that are not dot-files (they must end in failed/).  Each is
+    made aside and renamed into place, whole, as a running processor may
+    pick it up at once."""
+    target = os.path.join(queue, folder)
+    where = os.path.join(queue, f"staging-{folder}")
+    os.mkdir(where)
     write(os.path.join(where, f"junk-{folder}"), os.urandom(4096))
     write(os.path.join(where, f"empty-{folder}"), b"")
     write(os.path.join(where, f"no-envelope-{folder}"),
@@ -66,6 +71,9 @@ def plant(queue, folder, outside):
     os.mkfifo(os.path.join(where, f"fifo-{folder}"))
     # Dot-files are not messages: they are left alone.
     write(os.path.join(where, f".hidden-{folder}"), ENVELOPE + b"\r\nhidden\r\n")
+    for name in os.listdir(where):
+        os.rename(os.path.join(where, name), os.path.join(target, name))
+    os.rmdir(where)
     return sorted(
         f"{kind}-{folder}" for kind in (
             "junk", "empty", "no-envelope", "no-recipient", "one-line", "latin1",
@@ -128,13 +136,15 @@ def test_a_running_processor_keeps_going_past_foreign_files(
         time.sleep(0.01)
     plant(queue_path, "new", outside)
     ids = queue_messages(queue_path, 10, prefix="after")
-    while len(smtp_server.messages) < 11 and time.monotonic() < deadline:
+    while ((len(smtp_server.messages) < 11 or queued(queue_path))
+           and time.monotonic() < deadline):
         time.sleep(0.01)
     assert processor.is_alive()
     processor.stop(timeout=10)
     expected = ["first-0@mailoutbox.test", *ids]
     assert sorted(smtp_server.message_ids()) == sorted(expected)
     assert queued(queue_path) == []
+    assert len(Maildir(queue_path).failed_entries()) == 10
 
 
 def test_dot_files_of_the_protocol_left_behind_are_tidied(processor, queue_path,
@@ -216,3 +226,44 @@ def test_folders_named_like_state_files_do_not_stop_the_tidy_up(
     assert listing(queue_path, "new") == [".retry-folder", ".sending-folder"]
     assert listing(queue_path, "tmp") == []
     assert [e.name for e in Maildir(queue_path).failed_entries()] == ["old"]
+
+
+def test_a_fifo_swapped_in_after_the_listing_is_not_waited_on(
+        queue_path, smtp_server):
+    """An entry that was a regular file when the queue was listed and is a
+    fifo when claimed: reading it must not wait for a writer."""
+
+    class Racy(Maildir):
+        def scan(self):
+            scan = super().scan()
+            for entry in scan.entries:
+                os.unlink(entry.path)
+                os.mkfifo(entry.path)
+            return scan
+
+    queue_messages(queue_path, 1)
+    processor = QueueProcessorThread(concurrency=1)
+    processor.setMailer(SMTPMailer("127.0.0.1", smtp_server.port, no_tls=True,
+                                   timeout=5))
+    processor.setMaildir(Racy(queue_path))
+    done = threading.Event()
+    results = []
+
+    def run():
+        results.append(processor.process_queue())
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    finished = done.wait(5)
+    if not finished:  # unblock the reader, so that the thread can end
+        for name in os.listdir(os.path.join(queue_path, "new")):
+            with contextlib.suppress(OSError):
+                os.close(os.open(os.path.join(queue_path, "new", name),
+                                 os.O_WRONLY | os.O_NONBLOCK))
+        done.wait(5)
+    processor.stop(timeout=10)
+    assert finished, "the processor waited on a fifo"
+    assert results[0].failed == 1
+    assert smtp_server.messages == []
+    (entry,) = Maildir(queue_path).failed_entries()
+    assert "malformed queue file" in Maildir(queue_path).reason(entry)["error"]

@@ -68,6 +68,7 @@ _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def fsync_dir(path: str) -> None:
@@ -425,8 +426,9 @@ class Claim:
         return f"<Claim {self.entry.name!r}>"
 
     def read(self) -> bytes:
-        """The queue file's contents.  Symbolic links are not followed."""
-        fd = os.open(self.entry.path, os.O_RDONLY | _O_NOFOLLOW)
+        """The queue file's contents.  Symbolic links are not followed, and a
+        fifo (put in place of the file after the listing) is not waited on."""
+        fd = os.open(self.entry.path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
         with os.fdopen(fd, "rb") as f:
             return f.read()
 
