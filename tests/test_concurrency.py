@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 import transaction
 
 from mailoutbox.delivery import QueuedMailDelivery
@@ -42,6 +43,7 @@ def commit_messages(queue, prefix, count, ids, errors):
         errors.append(exc)
 
 
+@pytest.mark.slow
 def test_writers_and_processors_at_once_deliver_each_message_once(
         queue_path, smtp_server):
     started = time.monotonic()

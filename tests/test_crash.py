@@ -39,6 +39,7 @@ def drain(queue, port):
         processor.stop(timeout=10)
 
 
+@pytest.mark.slow
 def test_processors_killed_mid_drain_lose_nothing(tmp_path):
     seed = random.randrange(2**32)
     result = crash_drain(str(tmp_path), messages=200, kills=5, concurrency=3,
@@ -102,6 +103,7 @@ def test_kill_right_after_commit_keeps_the_messages_queued(queue_path, smtp_serv
     assert queued(queue_path) == [] and claims(queue_path) == []
 
 
+@pytest.mark.slow
 def test_producers_killed_at_random_moments_queue_only_whole_messages(
         queue_path, smtp_server):
     rng = random.Random()

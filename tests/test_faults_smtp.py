@@ -392,9 +392,16 @@ def test_smtp_sink_faults(command, option, processor, queue_path, smtp_sink,
     if permanent:
         assert_failed(stats, queue_path, 500, "5.3.0 Error: command failed")
     else:
-        state = assert_deferred(stats, queue_path, deferred_state(queue_path)["code"])
+        code = deferred_state(queue_path)["code"]
         if option == "-r":
-            assert 400 <= state["code"] < 500
+            assert 400 <= code < 500
+        elif option == "-f":  # at the greeting or EHLO/HELO: not permanent
+            assert 500 <= code < 600
+        elif option == "-Q":  # (after 421 to EHLO, HELO finds it closed)
+            assert code == (None if command == "EHLO,HELO" else 421)
+        else:
+            assert code is None  # closed without a reply
+        assert_deferred(stats, queue_path, code)
         # The relay recovers (here: the mailer is pointed at a healthy one).
         make.setMailer(SMTPMailer("127.0.0.1", smtp_server.port, no_tls=True,
                                   timeout=TIMEOUT))
