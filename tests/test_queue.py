@@ -770,17 +770,23 @@ def test_stop_called_by_a_subscriber_ends_the_pass(
 
 def test_keyboard_interrupt_finishes_the_messages_in_flight(
         smtp_server, make_processor, queue_path):
-    smtp_server.slow(0.2)
-    fill_queue(queue_path, 6)
+    smtp_server.slow(0.2)  # each message takes about 0.4 s
+    fill_queue(queue_path, 10)
     processor = make_processor(smtp_server.port, concurrency=2)
     main = threading.main_thread().ident
-    timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
-    timer.start()
+
+    def interrupt_while_sending():
+        wait_until(lambda: dotfiles(queue_path, ".sending-"))
+        signal.pthread_kill(main, signal.SIGINT)  # as Control-C does
+
+    interrupter = threading.Thread(target=interrupt_while_sending)
+    interrupter.start()
     with pytest.raises(KeyboardInterrupt):
         processor.process_queue()
-    timer.join()
+    interrupter.join()
     assert dotfiles(queue_path, ".") == []
     assert 1 <= len(smtp_server.messages) <= 4
+    assert len(queued(queue_path)) == 10 - len(smtp_server.messages)
     assert worker_threads() == []
 
 
