@@ -27,6 +27,7 @@ class RetryPolicy:
     Once *max_age* seconds have passed since the first failed attempt, the
     next transient failure is final.
 
+    >>> from mailoutbox.retry import RetryPolicy
     >>> policy = RetryPolicy(initial=60, factor=2, cap=600)
     >>> [policy.delay(n) for n in range(1, 7)]
     [60.0, 120.0, 240.0, 480.0, 600.0, 600.0]

@@ -52,6 +52,7 @@ class Stats:
 
     @property
     def total(self) -> int:
+        """Messages of the listing that the pass handled."""
         return self.attempted + self.skipped
 
 
