@@ -22,7 +22,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test,docs]'
 
-.venv/bin/ruff check src tests benchmarks examples
+.venv/bin/ruff check src tests benchmarks examples reliability
 .venv/bin/sphinx-build -W -q -b html docs docs/_build/html
 .venv/bin/sphinx-build -W -q -b doctest docs docs/_build/doctest
 
