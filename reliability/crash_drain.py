@@ -19,7 +19,6 @@ delivered, duplicated and lost, and the claims left stranded; exits with
 status 1 if a message was lost, a claim was stranded, or there were more
 duplicates than messages in flight at the kills.
 """
-# ruff: noqa: S311 - random kill times and faults, not secrets
 from __future__ import annotations
 
 import argparse

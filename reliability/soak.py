@@ -23,7 +23,6 @@ Prints the messages enqueued, delivered, retried (deferral events), failed
 transactions that arrived; exits with status 1 if a message was lost or an
 aborted one arrived.
 """
-# ruff: noqa: S311 - random kill times and faults, not secrets
 from __future__ import annotations
 
 import argparse
