@@ -7,12 +7,14 @@ in memory.  What happens when the transaction commits:
 
 - :class:`QueuedMailDelivery`: ``tpc_vote`` writes each message into
   ``tmp/`` of the queue and fsyncs it; ``tpc_finish`` renames them into
-  ``new/`` and fsyncs ``new/`` once.  A crash between the two leaves only
+  ``new/`` and fsyncs ``new/`` once.  A message routed to a named mailer
+  goes to the relay folder of that mailer instead
+  (:mod:`mailoutbox.relays`), in the same way.  A crash between the two leaves only
   files in ``tmp/``, which are never sent and are removed by
   :meth:`mailoutbox.maildir.Maildir.cleanup` after 36 hours.
 
-- :class:`DirectMailDelivery`: ``tpc_vote`` calls the mailer's ``vote()``
-  (an SMTP mailer connects), ``tpc_finish`` sends the messages.  The
+- :class:`DirectMailDelivery`: ``tpc_vote`` calls the ``vote()`` of each
+  mailer used (an SMTP mailer connects), ``tpc_finish`` sends the messages.  The
   outcome of each is an event, dispatched after the transaction completed
   (see :func:`_dispatch`).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import email.message
 import logging
 from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,7 @@ from mailoutbox.envelope import format_envelope
 from mailoutbox.errors import classify
 from mailoutbox.events import MailErrorEvent
 from mailoutbox.events import MailSentEvent
+from mailoutbox.headers import prepare_send_message
 from mailoutbox.interfaces import IDirectMailDelivery
 from mailoutbox.interfaces import IQueuedMailDelivery
 from mailoutbox.maildir import Maildir
@@ -46,6 +50,9 @@ from mailoutbox.message import check_recipients
 from mailoutbox.message import check_sender
 from mailoutbox.message import make_msgid
 from mailoutbox.message import prepare_message
+from mailoutbox.relays import check_name
+from mailoutbox.relays import check_names
+from mailoutbox.relays import open_relay
 
 __all__ = [
     "DirectDataManager",
@@ -72,6 +79,7 @@ class _Message:
     toaddrs: tuple[str, ...]
     data: bytes
     envelope: bytes = b""  # the queue file's envelope lines
+    relay: str | None = None  # the name of the mailer; None: the default
 
 
 @implementer(IDataManagerSavepoint)
@@ -146,7 +154,8 @@ class QueuedDataManager(_DataManager):
                  transaction_manager: Any) -> None:
         super().__init__(delivery, transaction_manager)
         self.writers: list[tuple[str, MaildirMessageWriter]] = []
-        self.maildir: Maildir | None = None
+        #: The folders written to, by relay name (None: the queue itself).
+        self.maildirs: dict[str | None, Maildir] = {}
 
     def tpc_vote(self, txn: Any) -> None:
         """Write and fsync every message in ``tmp/``; on failure remove what
@@ -157,14 +166,18 @@ class QueuedDataManager(_DataManager):
         path = self.delivery.queuePath
         message_id = self.messages[0].message_id
         try:
-            self.maildir = maildir = self.delivery.maildir()
             for message in self.messages:
                 message_id = message.message_id
+                relay = message.relay
+                maildir = self.maildirs.get(relay)
+                if maildir is None:
+                    maildir = self.delivery.maildir(relay)
                 try:
                     writer = maildir.newMessage()
                 except FileNotFoundError:  # the folder was removed: make it
-                    self.maildir = maildir = self.delivery.maildir(fresh=True)
+                    maildir = self.delivery.maildir(relay, fresh=True)
                     writer = maildir.newMessage()
+                self.maildirs[relay] = maildir
                 self.writers.append((message_id, writer))
                 writer.write(message.envelope)
                 writer.write(message.data)
@@ -196,13 +209,14 @@ class QueuedDataManager(_DataManager):
                 )
             else:
                 log.info("queued message %s as %s", message_id, writer.name)
-        if self.writers and self.maildir is not None:
+        for maildir in self.maildirs.values() if self.writers else ():
             try:
-                self.maildir.sync_new()
+                maildir.sync_new()
             except Exception:
                 log.error(
                     "could not fsync %s after queueing message(s) %s",
-                    self.maildir.new, ", ".join(i for i, _w in self.writers),
+                    maildir.new, ", ".join(
+                        i for i, w in self.writers if w.maildir.path == maildir.path),
                     exc_info=True,
                 )
         self.writers = []
@@ -231,17 +245,19 @@ class DirectDataManager(_DataManager):
     def __init__(self, delivery: DirectMailDelivery,
                  transaction_manager: Any) -> None:
         super().__init__(delivery, transaction_manager)
-        self.voted = False
+        #: The mailers whose vote() was called, in order.
+        self.voted: list[Any] = []
 
     def tpc_vote(self, txn: Any) -> None:
-        """Ask the mailer whether it can send (once, with the first
+        """Ask each mailer used whether it can send (once, with its first
         message): an SMTP mailer connects."""
         self.state = _VOTED
-        if not self.messages:
-            return
-        first = self.messages[0]
-        self.voted = True
-        self.delivery.mailer.vote(first.fromaddr, first.toaddrs, first.data)
+        for message in self.messages:
+            mailer = self.delivery.mailer_for(message.relay)
+            if any(voted is mailer for voted in self.voted):
+                continue
+            self.voted.append(mailer)
+            mailer.vote(message.fromaddr, message.toaddrs, message.data)
 
     def tpc_finish(self, txn: Any) -> None:
         """Send every message; log failures and report every outcome as an
@@ -258,7 +274,7 @@ class DirectDataManager(_DataManager):
 
     def _send(self, message: _Message) -> MailSentEvent | MailErrorEvent:
         try:
-            refused = self.delivery.mailer.send(
+            refused = self.delivery.mailer_for(message.relay).send(
                 message.fromaddr, message.toaddrs, message.data
             )
             refused = dict(refused or {})
@@ -278,15 +294,14 @@ class DirectDataManager(_DataManager):
         return MailSentEvent(message.message_id, refused)
 
     def _abort(self) -> None:
-        if not self.voted:
-            return
-        self.voted = False
-        try:
-            self.delivery.mailer.abort()
-        except Exception:
-            log.error("the mailer failed to abort message(s) %s",
-                      ", ".join(m.message_id for m in self.messages),
-                      exc_info=True)
+        voted, self.voted = self.voted, []
+        for mailer in voted:
+            try:
+                mailer.abort()
+            except Exception:
+                log.error("the mailer %r failed to abort message(s) %s", mailer,
+                          ", ".join(m.message_id for m in self.messages),
+                          exc_info=True)
 
 
 # -- events --------------------------------------------------------------------
@@ -340,9 +355,12 @@ def _dispatch(status: bool, txn: Any, events: list[Any], deferrals: int) -> None
 # -- deliveries ----------------------------------------------------------------
 
 class _Delivery:
-    """What both deliveries share: ``send()`` and the data manager lookup."""
+    """What both deliveries share: ``send()``, ``send_message()`` and the
+    data manager lookup."""
 
     datamanager_factory: type[_DataManager]
+    #: The names of the mailers that messages may be routed to.
+    mailer_names: frozenset[str] = frozenset()
 
     def __init__(self, transaction_manager: Any = None) -> None:
         #: The transaction manager whose current transaction ``send()``
@@ -355,13 +373,27 @@ class _Delivery:
         override it to make your own)."""
         return make_msgid()
 
+    def _route(self, mailer: str | None) -> str | None:
+        """Check the *mailer* given to ``send()``: None or a configured name."""
+        if mailer is None or mailer in self.mailer_names:
+            return mailer
+        check_name(mailer)
+        known = ", ".join(repr(n) for n in sorted(self.mailer_names)) or "none"
+        raise ValueError(
+            f"cannot route a message to the mailer {mailer!r}: it is not one"
+            f" this delivery may route to (configured: {known})"
+        )
+
     def send(self, fromaddr: str, toaddrs: Iterable[str],
-             message: bytes | str | email.message.Message) -> str:
+             message: bytes | str | email.message.Message,
+             mailer: str | None = None) -> str:
         """See :meth:`mailoutbox.interfaces.IMailDelivery.send`."""
+        relay = self._route(mailer)
         fromaddr = check_sender(fromaddr)
         recipients = check_recipients(toaddrs)
         data, message_id = prepare_message(message, self.newMessageId)
         prepared = self._prepare(message_id, fromaddr, recipients, data)
+        prepared.relay = relay
         manager = self.transaction_manager
         if manager is None:
             manager = transaction.manager
@@ -384,9 +416,21 @@ class _Delivery:
                 ) from exc
             txn.set_data(self, datamanager)
         datamanager.messages.append(prepared)
-        log.debug("message %s will be sent if the transaction commits",
-                  message_id)
+        if relay is None:
+            log.debug("message %s will be sent if the transaction commits",
+                      message_id)
+        else:
+            log.debug("message %s will be sent through %r if the transaction"
+                      " commits", message_id, relay)
         return message_id
+
+    def send_message(self, message: bytes | str | email.message.Message,
+                     fromaddr: str | None = None,
+                     toaddrs: Iterable[str] | None = None,
+                     mailer: str | None = None) -> str:
+        """See :meth:`mailoutbox.interfaces.IMailDelivery.send_message`."""
+        fromaddr, toaddrs, data = prepare_send_message(message, fromaddr, toaddrs)
+        return self.send(fromaddr, toaddrs, data, mailer=mailer)
 
     def _prepare(self, message_id: str, fromaddr: str,
                  toaddrs: tuple[str, ...], data: bytes) -> _Message:
@@ -398,22 +442,34 @@ class QueuedMailDelivery(_Delivery):
     """See :class:`mailoutbox.interfaces.IQueuedMailDelivery`.
 
     The queue folder is created (mode 0700) when the first message is
-    queued, if needed.
+    queued, if needed; so is the folder of a relay (see
+    :mod:`mailoutbox.relays`).  *mailers* names the mailers that messages
+    may be routed to with ``send(..., mailer=NAME)``: a collection of
+    names, or a mapping whose keys are the names (the mailers themselves
+    are the processor's business).
     """
 
     datamanager_factory = QueuedDataManager
 
-    def __init__(self, queuePath: str, transaction_manager: Any = None) -> None:
+    def __init__(self, queuePath: str, transaction_manager: Any = None,
+                 mailers: Iterable[str] | Mapping[str, Any] | None = None) -> None:
         super().__init__(transaction_manager)
         self.queuePath = str(queuePath)
-        self._maildir: Maildir | None = None
+        self.mailer_names = check_names(mailers)
+        self._maildirs: dict[str | None, Maildir] = {}
 
-    def maildir(self, fresh: bool = False) -> Maildir:
-        """The queue's :class:`~mailoutbox.maildir.Maildir`, created if
+    def maildir(self, relay: str | None = None, fresh: bool = False) -> Maildir:
+        """The :class:`~mailoutbox.maildir.Maildir` of the queue (*relay*
+        None) or of the relay folder of the mailer *relay*, created if
         needed when first used (or again with *fresh*)."""
-        if self._maildir is None or fresh:
-            self._maildir = Maildir(self.queuePath, create=True)
-        return self._maildir
+        maildir = self._maildirs.get(relay)
+        if maildir is None or fresh:
+            if relay is None:
+                maildir = Maildir(self.queuePath, create=True)
+            else:
+                maildir = open_relay(self.queuePath, relay, create=True)
+            self._maildirs[relay] = maildir
+        return maildir
 
     def __repr__(self) -> str:
         return f"<QueuedMailDelivery {self.queuePath!r}>"
@@ -428,15 +484,28 @@ class QueuedMailDelivery(_Delivery):
 class DirectMailDelivery(_Delivery):
     """See :class:`mailoutbox.interfaces.IDirectMailDelivery`.
 
-    The mailer's ``vote()`` is called once per transaction, with the first
-    message; its ``send()`` once per message.
+    The ``vote()`` of each mailer used is called once per transaction, with
+    its first message; its ``send()`` once per message.  *mailers* maps the
+    names that ``send(..., mailer=NAME)`` accepts to their mailers.
     """
 
     datamanager_factory = DirectDataManager
 
-    def __init__(self, mailer: Any, transaction_manager: Any = None) -> None:
+    def __init__(self, mailer: Any, transaction_manager: Any = None,
+                 mailers: Mapping[str, Any] | None = None) -> None:
         super().__init__(transaction_manager)
         self.mailer = mailer
+        if mailers is not None and not isinstance(mailers, Mapping):
+            raise TypeError(
+                "mailers must map names to mailers, not"
+                f" {type(mailers).__name__}"
+            )
+        self.mailers: dict[str, Any] = dict(mailers or {})
+        self.mailer_names = check_names(self.mailers)
+
+    def mailer_for(self, relay: str | None) -> Any:
+        """The mailer of messages routed to *relay* (None: :attr:`mailer`)."""
+        return self.mailer if relay is None else self.mailers[relay]
 
     def __repr__(self) -> str:
         return f"<DirectMailDelivery {self.mailer!r}>"

@@ -53,7 +53,7 @@ __all__ = [
 class IMailDelivery(Interface):
     """A utility that sends mail as part of a transaction."""
 
-    def send(fromaddr, toaddrs, message):
+    def send(fromaddr, toaddrs, message, mailer=None):
         """Send *message* from *fromaddr* to every address in *toaddrs*.
 
         *fromaddr* is the envelope sender, a ``str``.  *toaddrs* is a
@@ -74,11 +74,50 @@ class IMailDelivery(Interface):
         The message is sent (or queued) only if the current transaction of
         the delivery's transaction manager commits.
 
+        *mailer*, if given, is the name of the mailer (the relay) that sends
+        this message instead of the delivery's default one.  Only names
+        configured on the delivery are accepted; nothing in the message can
+        choose or change the mailer.  A queued delivery keeps routed
+        messages in a folder of their own inside the queue, where a
+        zope.sendmail processor never looks (see the documentation chapter
+        "Routing").
+
         Raises :class:`ValueError` or :class:`TypeError`, with nothing joined
         to the transaction and nothing written, when: *toaddrs* is empty or is
         a single string; any address contains CR, LF or NUL or is not a valid
         address; the message has no header/body separation; the existing
-        ``Message-Id`` header is malformed.
+        ``Message-Id`` header is malformed; *mailer* is not a name the
+        delivery was configured to route to.
+
+        .. versionadded:: 0.1
+           The *mailer* argument.
+        """
+
+    def send_message(message, fromaddr=None, toaddrs=None, mailer=None):
+        """Send the :class:`email.message.Message` *message* (``bytes`` and
+        ``str`` are taken too, as by :meth:`send`), to the recipients its
+        headers name, as mail clients and ``sendmail -t`` do.
+
+        Without *fromaddr*, the envelope sender is the address of the
+        ``Sender`` header, or else of the ``From`` header; it must be exactly
+        one address.  Without *toaddrs*, the recipients are the addresses of
+        the ``To``, ``Cc`` and ``Bcc`` headers, each once.  When the message
+        has ``Resent-`` headers, the newest block of them is used instead:
+        ``Resent-Sender`` (or ``Resent-From``), and ``Resent-To``,
+        ``Resent-Cc`` and ``Resent-Bcc``.  Only the addr-specs are used.
+
+        The ``Bcc`` and ``Resent-Bcc`` headers are removed from what is sent
+        or queued, whoever gave the recipients; *message* itself is not
+        changed.  Then the message is sent as by :meth:`send` (with the same
+        checks, Message-Id and transaction), through *mailer* if given.
+        Returns the Message-Id without its angle brackets.
+
+        Raises :class:`ValueError`, with nothing joined to the transaction,
+        when the headers name no sender or no recipient, when the sender's
+        header names several addresses, when an address header cannot be
+        parsed, and for the reasons :meth:`send` gives.
+
+        .. versionadded:: 0.1
         """
 
 
@@ -95,6 +134,12 @@ class IDirectMailDelivery(IMailDelivery):
 
     mailer = Attribute("The IMailer used to send the messages.")
 
+    mailers = Attribute(
+        "A mapping of the names accepted by send(..., mailer=NAME) to the"
+        " IMailers that send the messages routed to them."
+        "\n\n.. versionadded:: 0.1"
+    )
+
 
 class IQueuedMailDelivery(IMailDelivery):
     """A delivery that writes messages into a Maildir queue.
@@ -107,6 +152,12 @@ class IQueuedMailDelivery(IMailDelivery):
     queuePath = TextLine(
         title="Queue path",
         description="Path of the Maildir directory used to queue mail.",
+    )
+
+    mailer_names = Attribute(
+        "The names accepted by send(..., mailer=NAME): messages routed to"
+        " one of them are queued in its relay folder, for the processor to"
+        " send through the mailer of that name.\n\n.. versionadded:: 0.1"
     )
 
 
@@ -126,6 +177,13 @@ class IMailQueueProcessor(Interface):
     )
 
     mailer = Attribute("The IMailer used to send the messages.")
+
+    mailers = Attribute(
+        "A mapping of names to the IMailers that send the messages of the"
+        " relay folders of those names; a relay folder without one uses the"
+        " IMailer utility of its name, and its messages are deferred while"
+        " there is none.\n\n.. versionadded:: 0.1"
+    )
 
 
 class IMailer(Interface):

@@ -34,6 +34,7 @@ __all__ = [
     "format_address",
     "make_msgid",
     "message_id_domain",
+    "message_to_bytes",
     "parse_address",
     "prepare_message",
 ]
@@ -371,6 +372,15 @@ def _to_bytes(message: bytes | str | email.message.Message) -> bytes:
         "message must be bytes, str or an email.message.Message, not"
         f" {type(message).__name__}"
     )
+
+
+def message_to_bytes(message: bytes | str | email.message.Message) -> bytes:
+    """*message* as ``bytes``, as :func:`prepare_message` turns it into
+    bytes (without adding a Message-Id).
+
+    .. versionadded:: 0.1
+    """
+    return _to_bytes(message)
 
 
 def _scan_headers(data: bytes) -> tuple[bytes, list[bytes]]:
