@@ -12,6 +12,12 @@ to the failed area).  The thread that started the pass renews the claims of
 the messages in flight, so a slow send is never taken over by another
 processor, while the claims of a processor that died are broken after the
 lease.
+
+Messages routed to a named mailer are in relay folders inside the queue
+(:mod:`mailoutbox.relays`); each relay folder is drained through the mailer
+of its name, by worker threads and passes of its own
+(:mod:`mailoutbox.lanes`), so that a slow or unreachable relay does not
+hold up the others.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
+import zope.component
 import zope.event
 from zope.interface import implementer
 
@@ -31,11 +38,14 @@ from mailoutbox import errors
 from mailoutbox.envelope import parse_queue_file
 from mailoutbox.events import MailErrorEvent
 from mailoutbox.events import MailSentEvent
+from mailoutbox.interfaces import IMailer
 from mailoutbox.interfaces import IMailQueueProcessor
+from mailoutbox.lanes import Lanes
 from mailoutbox.maildir import DEFAULT_LEASE
 from mailoutbox.maildir import Claim
 from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
+from mailoutbox.relays import check_names
 from mailoutbox.retry import RetryPolicy
 from mailoutbox.retry import record_failure
 from mailoutbox.workers import DEFERRED
@@ -45,7 +55,6 @@ from mailoutbox.workers import SKIPPED
 from mailoutbox.workers import Pass
 from mailoutbox.workers import ProgressCallback
 from mailoutbox.workers import Stats
-from mailoutbox.workers import WorkerPool
 
 __all__ = ["QueueProcessorThread", "Stats", "message_id_of"]
 
@@ -84,6 +93,9 @@ class QueueProcessorThread(threading.Thread):
     seconds, a claim stays valid without being renewed;
     *max_messages_per_pass* makes a pass stop after attempting that many
     messages (the next one starts at once, with a fresh listing).
+    *mailers* maps the names of relay folders to their mailers (see
+    :meth:`setMailers`); at most *max_relays* relay folders are served at
+    the same time, each by *concurrency* worker threads.
     """
 
     log = log
@@ -95,7 +107,9 @@ class QueueProcessorThread(threading.Thread):
 
     def __init__(self, interval: float = 3.0, *, concurrency: int = 4,
                  retry: RetryPolicy | None = None, lease: float = DEFAULT_LEASE,
-                 max_messages_per_pass: int | None = None) -> None:
+                 max_messages_per_pass: int | None = None,
+                 mailers: Mapping[str, Any] | None = None,
+                 max_relays: int = 8) -> None:
         super().__init__(name="mailoutbox.queue.QueueProcessorThread", daemon=True)
         if not (isinstance(concurrency, int) and concurrency >= 1):
             raise ValueError(
@@ -104,16 +118,21 @@ class QueueProcessorThread(threading.Thread):
             raise ValueError(f"lease must be > 0 seconds, not {lease!r}")
         if max_messages_per_pass is not None and max_messages_per_pass < 1:
             raise ValueError("max_messages_per_pass must be None or >= 1")
+        if not (isinstance(max_relays, int) and max_relays >= 1):
+            raise ValueError(
+                f"max_relays must be an integer >= 1, not {max_relays!r}")
         self.interval = interval
         self.concurrency = concurrency
         self.retry = RetryPolicy() if retry is None else retry
         self.lease = lease
         self.max_messages_per_pass = max_messages_per_pass
+        self.max_relays = max_relays
+        self.mailers: dict[str, Any] = {}
+        self.setMailers(mailers or {})
         self._stopping = threading.Event()
         self._pass_lock = threading.Lock()
-        self._workers: WorkerPool | None = None
+        self._lanes = Lanes(self)
         self._pass_owner: threading.Thread | None = None
-        self._connections_open = False
 
     # -- configuration (zope.sendmail's API) ----------------------------------
 
@@ -132,6 +151,24 @@ class QueueProcessorThread(threading.Thread):
     def setMailer(self, mailer: Any) -> None:
         self.mailer = mailer
 
+    def setMailers(self, mailers: Mapping[str, Any]) -> None:
+        """Send the messages of the relay folder *NAME* through
+        ``mailers[NAME]``.  A relay folder not named here uses the
+        :class:`~mailoutbox.interfaces.IMailer` utility of its name; while
+        there is none, its messages are deferred."""
+        if not isinstance(mailers, Mapping):
+            raise TypeError(
+                f"mailers must map names to mailers, not {type(mailers).__name__}")
+        check_names(mailers)
+        self.mailers = dict(mailers)
+
+    def mailer_for(self, name: str) -> Any:
+        """The mailer of the relay folder of *name* (see :meth:`setMailers`)."""
+        mailer = self.mailers.get(name)
+        if mailer is None:
+            mailer = zope.component.queryUtility(IMailer, name)
+        return _MissingMailer(name) if mailer is None else mailer
+
     def setMaildir(self, maildir: Maildir) -> None:
         self.maildir = maildir
 
@@ -147,26 +184,32 @@ class QueueProcessorThread(threading.Thread):
         super().start()
 
     def run(self, forever: bool = True) -> None:
-        """Process the queue every :attr:`interval` seconds until
-        :meth:`stop` is called; with *forever* false, do one pass and
-        return (as zope.sendmail's thread does)."""
-        if forever:
-            atexit.register(self.stop)
+        """Process the queue until :meth:`stop` is called, each of its
+        folders every :attr:`interval` seconds; with *forever* false, do
+        one pass and return (as zope.sendmail's thread does)."""
+        if not forever:
+            try:
+                self.process_queue()
+            except Exception:
+                self.log.exception("error while processing the queue %s",
+                                   self.queuePath)
+            finally:
+                self._shutdown()
+            return
+        atexit.register(self.stop)
         try:
-            while not self._stopping.is_set():
-                stats = None
-                try:
-                    stats = self.process_queue()
-                except Exception:
-                    self.log.exception("error while processing the queue %s",
-                                       self.queuePath)
-                if not forever:
-                    break
-                if not (stats is not None and stats.limited):
-                    self._stopping.wait(self.interval)
+            with self._pass_lock:
+                self._pass_owner = self
+                while not self._stopping.is_set():
+                    try:
+                        self._lanes.run_forever()
+                    except Exception:  # pragma: no cover - a bug: keep going
+                        self.log.exception("error while processing the queue %s",
+                                           self.queuePath)
+                        self._stopping.wait(self.interval)
+                self._pass_owner = None
         finally:
-            if forever:
-                atexit.unregister(self.stop)
+            atexit.unregister(self.stop)
             self._shutdown()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -175,16 +218,16 @@ class QueueProcessorThread(threading.Thread):
         No new message is started.  Returns when the thread has ended (or,
         if it was not started, when a pass that :meth:`process_queue` runs
         in another thread has ended), the worker threads are gone and the
-        mailer's connections are closed.  Raises :class:`TimeoutError` if
+        mailers' connections are closed.  Raises :class:`TimeoutError` if
         that takes longer than *timeout* seconds.  Called from one of the
         processor's own threads (an event subscriber, a signal handler
         interrupting a pass), it only asks for the stop and returns.
         """
         self._stopping.set()
+        self._lanes.wakeup.set()
         current = threading.current_thread()
-        workers = self._workers
         if (current is self or current is self._pass_owner
-                or (workers is not None and current in workers.threads)):
+                or current in self._lanes.threads()):
             return
         if self.is_alive():
             self.join(timeout)
@@ -209,11 +252,12 @@ class QueueProcessorThread(threading.Thread):
             self._pass_lock.release()
 
     def _shutdown_locked(self) -> None:
-        """End the worker threads and close the mailer's connections."""
-        workers, self._workers = self._workers, None
-        if workers is not None:
-            workers.close()
-        self._close_mailer()
+        """End the worker threads and close the mailers' connections."""
+        closed: list[Any] = []
+        for mailer in [self.mailer, *self._lanes.close()]:
+            if not any(mailer is other for other in closed):
+                closed.append(mailer)
+                self._close(mailer)
 
     def _check_configured(self) -> Maildir:
         if self.mailer is None or self.maildir is None:
@@ -223,20 +267,20 @@ class QueueProcessorThread(threading.Thread):
             )
         return self.maildir
 
-    def _close_mailer(self) -> None:
-        close = getattr(self.mailer, "close", None)
+    def _close(self, mailer: Any) -> None:
+        close = getattr(mailer, "close", None)
         if close is not None:
             try:
                 close()
             except Exception:
                 self.log.exception("error while closing the mailer's connections")
-        self._connections_open = False
 
     # -- one pass -------------------------------------------------------------
 
     def process_queue(self, now: float | None = None,
                       on_progress: ProgressCallback | None = None) -> Stats:
-        """Make one pass over the queue and return its :class:`Stats`.
+        """Make one pass over the queue and each of its relay folders (in
+        parallel) and return their :class:`Stats` added up.
 
         *now* (seconds since the epoch) replaces the clock for deciding
         which deferred messages are due and when to try them again.
@@ -245,49 +289,16 @@ class QueueProcessorThread(threading.Thread):
         :meth:`stop` when done with the processor: the worker threads and
         connections are kept for the next pass until then.
         """
-        maildir = self._check_configured()
+        self._check_configured()
         clock: Callable[[], float] = time.time if now is None else (lambda: now)
         with self._pass_lock:
             self._pass_owner = threading.current_thread()
             try:
-                return self._pass(maildir, clock, on_progress)
+                return self._lanes.run_once(clock, on_progress)
             finally:
                 self._pass_owner = None
                 if self._stopping.is_set():
                     self._shutdown_locked()
-
-    def _pass(self, maildir: Maildir, clock: Callable[[], float],
-              on_progress: ProgressCallback | None) -> Stats:
-        scan = maildir.scan()
-        try:
-            if maildir.cleanup(scan, self.lease):
-                self.log.info("tidied up after crashes in %s", maildir.path)
-        except Exception:
-            self.log.exception("error while tidying up %s", maildir.path)
-        job = Pass(maildir, scan, clock, self._stopping,
-                   self.max_messages_per_pass, on_progress, self.concurrency)
-        if job.total:
-            if self._workers is None:
-                self._workers = WorkerPool(self.concurrency, self._work, self.name)
-            self._workers.submit(job)
-            try:
-                self._wait_for(job)
-            except BaseException:  # e.g. KeyboardInterrupt in the main thread
-                self._stopping.set()  # start no other message,
-                self._wait_for(job)  # finish those in flight
-                raise
-        stats = job.stats
-        if stats.attempted:
-            self._connections_open = True
-        elif self._connections_open:
-            self._close_mailer()  # idle: do not keep connections open
-        return stats
-
-    def _wait_for(self, job: Pass) -> None:
-        """Wait for the workers to end *job*, renewing the claims of the
-        messages in flight meanwhile (the heartbeat)."""
-        while not job.finished.wait(self.lease / 3):
-            job.renew_claims()
 
     def _work(self, job: Pass) -> None:
         while (entry := job.next_entry()) is not None:
@@ -307,14 +318,15 @@ class QueueProcessorThread(threading.Thread):
             return SKIPPED  # claimed by another processor, or gone
         job.hold(claim)
         try:
-            return self._send(claim, job.now)
+            return self._send(claim, job)
         finally:
             job.drop(claim)
 
-    def _send(self, claim: Claim, clock: Callable[[], float]) -> str:
-        """Send the claimed message and end the claim."""
+    def _send(self, claim: Claim, job: Pass) -> str:
+        """Send the claimed message through the pass's mailer and end the
+        claim."""
         try:
-            outcome = self._read_and_send(claim, clock)
+            outcome = self._read_and_send(claim, job.now, job.mailer)
         except BaseException:
             claim.release()  # nothing was sent: give the message back
             raise
@@ -329,17 +341,18 @@ class QueueProcessorThread(threading.Thread):
                            message_id, claim.entry.name)
             raise
         refused = dict(refused or {})
+        via = "" if job.relay is None else f" through the mailer {job.relay!r}"
         if refused:
             self.log.warning(
-                "sent %s, but the server refused %s", message_id,
+                "sent %s%s, but the server refused %s", message_id, via,
                 ", ".join(f"{a} ({c} {t})" for a, (c, t) in refused.items()))
         else:
-            self.log.info("sent %s", message_id)
+            self.log.info("sent %s%s", message_id, via)
         self._notify(MailSentEvent(message_id, refused))
         return SENT
 
-    def _read_and_send(self, claim: Claim, clock: Callable[[], float]
-                       ) -> str | tuple[str, Any]:
+    def _read_and_send(self, claim: Claim, clock: Callable[[], float],
+                       mailer: Any) -> str | tuple[str, Any]:
         """Send the message, or end the claim if it cannot be sent (now).
 
         Returns the outcome, or ``(message_id, refused)`` once sent.
@@ -360,7 +373,7 @@ class QueueProcessorThread(threading.Thread):
         del data  # the message is a copy: keep one in memory
         message_id = message_id_of(message, name)
         try:
-            return message_id, self.mailer.send(fromaddr, toaddrs, message)
+            return message_id, mailer.send(fromaddr, toaddrs, message)
         except Exception as exc:
             return self._failed_attempt(claim, message_id, exc, clock())
 
@@ -436,3 +449,18 @@ def _reason(message_id: str, text: str, now: float, code: int | None = None,
         "first_attempt": state.get("first_attempt", now),
         "refused": dict(refused or {}),
     }
+
+
+class _MissingMailer:
+    """Stands for the mailer of a relay folder that has none: its messages
+    are deferred, with an error naming the mailer."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def send(self, fromaddr: str, toaddrs: Any, message: bytes) -> None:
+        raise errors.TransientMailError(
+            f"no mailer named {self.name!r} is configured for its relay folder"
+            " (give it to the processor, or register an IMailer utility of"
+            " that name)"
+        )

@@ -5,7 +5,9 @@ A pass hands the entries of one listing of the queue
 time, and counts what became of them (:class:`Stats`).  The workers are kept
 from pass to pass, so that each keeps its own SMTP connection open while
 the queue is busy.  The claims of the messages in flight are registered with
-the pass, so that one thread can renew them all (the heartbeat).
+the pass, so that one thread can renew them all (the heartbeat).  The queue
+and each of its relay folders has a pool and passes of its own
+(:mod:`mailoutbox.lanes`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
 
 from mailoutbox.maildir import Claim
 from mailoutbox.maildir import Entry
@@ -44,6 +48,10 @@ class Stats:
     skipped: int = 0
     #: the pass stopped at ``max_messages_per_pass``: more may be due
     limited: bool = False
+    #: the share of each relay folder, by mailer name (the queue's own
+    #: messages are the rest)
+    relays: dict[str, Stats] = field(default_factory=dict, repr=False,
+                                     compare=False)
 
     @property
     def attempted(self) -> int:
@@ -55,6 +63,15 @@ class Stats:
         """Messages of the listing that the pass handled."""
         return self.attempted + self.skipped
 
+    def add(self, other: Stats, relay: str | None = None) -> None:
+        """Count the messages of *other* too (those of the relay folder
+        *relay*, if given)."""
+        for name in ("sent", "deferred", "failed", "skipped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.limited = self.limited or other.limited
+        if relay is not None:
+            self.relays[relay] = other
+
 
 class Pass:
     """The shared state of one pass: the entries still to hand out, the
@@ -62,8 +79,15 @@ class Pass:
 
     def __init__(self, maildir: Maildir, scan: Scan, now: Callable[[], float],
                  stopping: threading.Event, limit: int | None,
-                 on_progress: ProgressCallback | None, workers: int) -> None:
+                 on_progress: ProgressCallback | None, workers: int, *,
+                 mailer: Any = None, relay: str | None = None,
+                 on_finished: Callable[[], None] | None = None) -> None:
         self.maildir = maildir
+        #: The mailer that sends the messages of this pass.
+        self.mailer = mailer
+        #: The name of the relay folder listed (None: the queue itself).
+        self.relay = relay
+        self._on_finished = on_finished or (lambda: None)
         self.scan = scan
         self.now = now
         self.total = len(scan.entries)
@@ -127,8 +151,10 @@ class Pass:
     def worker_done(self) -> None:
         with self._lock:
             self._workers_left -= 1
-            if self._workers_left == 0:
-                self.finished.set()
+            done = self._workers_left == 0
+        if done:
+            self.finished.set()
+            self._on_finished()
 
 
 class WorkerPool:
@@ -136,11 +162,13 @@ class WorkerPool:
     SMTP connection open while the queue is busy)."""
 
     def __init__(self, count: int, work: Callable[[Pass], None],
-                 name: str) -> None:
+                 name: str, label: str | None = None) -> None:
         self._jobs: queue.SimpleQueue[Pass | None] = queue.SimpleQueue()
         self._work = work
+        suffix = "" if label is None else f"[{label}]"
         self.threads = [
-            threading.Thread(target=self._loop, name=f"{name}-worker-{i}", daemon=True)
+            threading.Thread(target=self._loop, name=f"{name}-worker-{i}{suffix}",
+                             daemon=True)
             for i in range(count)
         ]
         for thread in self.threads:

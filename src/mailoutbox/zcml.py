@@ -13,6 +13,11 @@ zope.sendmail's directives of the same names and a few more:
 - ``mail:directDelivery`` registers a
   :class:`~mailoutbox.delivery.DirectMailDelivery` the same way.
 
+Both delivery directives take ``mailers="NAME NAME..."``: the names of
+``mail:smtpMailer`` registrations that ``send(..., mailer=NAME)`` may route
+a message to.  A queued delivery's processor thread sends the messages of
+each relay folder through the mailer of that name.
+
 Utilities are registered when the configuration is executed, not while it is
 parsed: deliveries after every mailer (so a delivery may name a mailer
 defined further down), processor threads last of all, each looking its mailer
@@ -33,11 +38,13 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 from zope.component import getSiteManager
 from zope.configuration.exceptions import ConfigurationError
 from zope.configuration.fields import Path
+from zope.configuration.fields import Tokens
 from zope.interface import Interface
 from zope.schema import Bool
 from zope.schema import Float
@@ -53,6 +60,7 @@ from mailoutbox.interfaces import IQueuedMailDelivery
 from mailoutbox.maildir import DEFAULT_LEASE
 from mailoutbox.mailer import SMTPMailer
 from mailoutbox.queue import QueueProcessorThread
+from mailoutbox.relays import check_names
 from mailoutbox.retry import RetryPolicy
 
 try:
@@ -137,6 +145,14 @@ class IDeliveryDirective(Interface):
         title="Permission",
         description="Permission needed to use the delivery (its utility is"
         " then security-proxied; needs zope.security).",
+        required=False,
+    )
+    mailers = Tokens(
+        title="Mailers to route to",
+        description="Names of IMailer utilities (e.g. mail:smtpMailer) that"
+        " send(..., mailer=NAME) may route a message to, separated by"
+        " spaces.",
+        value_type=TextLine(),
         required=False,
     )
 
@@ -272,18 +288,37 @@ def smtpMailer(
     )
 
 
+def _route_names(directive: str, names: list[str] | None) -> list[str]:
+    """The names given to a delivery directive's ``mailers`` attribute."""
+    names = list(dict.fromkeys(names or ()))
+    try:
+        check_names(names)
+    except ValueError as exc:
+        raise ConfigurationError(f"{directive} mailers: {exc}") from exc
+    return names
+
+
+def _lookup_mailers(context: Any, names: list[str]) -> dict[str, Any]:
+    return {name: _lookup_mailer(context, name) for name in names}
+
+
 def directDelivery(
     _context: Any,
     mailer: str,
     permission: str | None = None,
     name: str = "Mail",
+    mailers: list[str] | None = None,
 ) -> None:
     """Handler of ``mail:directDelivery``; see
     :class:`IDirectDeliveryDirective`."""
     protect = _protect(permission)
+    routes = _route_names("mail:directDelivery", mailers)
 
     def register() -> None:
-        delivery = DirectMailDelivery(_lookup_mailer(_context, mailer))
+        delivery = DirectMailDelivery(
+            _lookup_mailer(_context, mailer),
+            mailers=_lookup_mailers(_context, routes),
+        )
         delivery = protect(delivery, IDirectMailDelivery)
         _register(_context, delivery, IMailDelivery, name)
 
@@ -318,10 +353,12 @@ def queuedDelivery(
     retry_factor: float | None = None,
     retry_cap: float | None = None,
     retry_max_age: float | None = None,
+    mailers: list[str] | None = None,
 ) -> None:
     """Handler of ``mail:queuedDelivery``; see
     :class:`IQueuedDeliveryDirective`."""
     protect = _protect(permission)
+    routes = _route_names("mail:queuedDelivery", mailers)
     retry = _retry_policy(
         initial=retry_initial, factor=retry_factor, cap=retry_cap,
         max_age=retry_max_age,
@@ -329,7 +366,9 @@ def queuedDelivery(
 
     def register() -> None:
         _lookup_mailer(_context, mailer)
-        delivery = protect(QueuedMailDelivery(queuePath), IQueuedMailDelivery)
+        _lookup_mailers(_context, routes)
+        delivery = protect(QueuedMailDelivery(queuePath, mailers=routes),
+                           IQueuedMailDelivery)
         _register(_context, delivery, IMailDelivery, name)
 
     def start() -> None:
@@ -340,6 +379,7 @@ def queuedDelivery(
             concurrency=concurrency,
             retry=retry,
             lease=lease,
+            mailers=_lookup_mailers(_context, routes),
         )
 
     _context.action(
@@ -372,11 +412,14 @@ def start_processor_thread(
     concurrency: int = 4,
     retry: RetryPolicy | None = None,
     lease: float = DEFAULT_LEASE,
+    mailers: Mapping[str, Any] | None = None,
 ) -> Any:
     """Start a processor thread for *queue_path* unless one runs already.
 
-    Returns the thread serving the queue.  A second call for the same folder
-    (by its real path) returns the first thread and ignores its arguments.
+    *mailers* maps the names of relay folders to their mailers.  Returns the
+    thread serving the queue.  A second call for the same folder (by its
+    real path) returns the first thread and ignores its arguments, except
+    that the mailers of relay folders it does not know yet are added.
     """
     global _atexit_registered
     key = os.path.realpath(queue_path)
@@ -388,11 +431,15 @@ def start_processor_thread(
                     "a processor thread already serves %s; the mailer given"
                     " for it again is not used", key,
                 )
+            if mailers:
+                thread.setMailers({**mailers, **thread.mailers})
             return thread
         thread = processor_factory(
             interval, concurrency=concurrency, retry=retry, lease=lease
         )
         thread.setMailer(mailer)
+        if mailers:
+            thread.setMailers(mailers)
         thread.setQueuePath(queue_path)
         thread.start()
         _threads[key] = thread
