@@ -4,6 +4,12 @@ A setting comes from, in increasing order of precedence: its default, the
 ``[app:zope-sendmail]`` section of the ``--config`` file (zope.sendmail's
 ``zope-sendmail`` script reads the same section), its ``[mailoutbox]``
 section, and the command line.
+
+Each ``[mailoutbox:relay NAME]`` section configures the SMTP server of the
+relay NAME, which sends the messages routed to the mailer NAME
+(``send(..., mailer=NAME)``), with the SMTP keys of ``[mailoutbox]``.  A
+relay section stands on its own: what it does not set takes its default,
+not the value of ``[mailoutbox]``.
 """
 from __future__ import annotations
 
@@ -18,11 +24,14 @@ from typing import Any
 
 from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import CLIError
+from mailoutbox.relays import check_name
 
 __all__ = [
     "MAILOUTBOX_SECTION",
+    "RELAY_SECTION",
     "ZOPE_SENDMAIL_KEYS",
     "ZOPE_SENDMAIL_SECTION",
+    "RelaySettings",
     "Settings",
     "boolean",
     "duration",
@@ -35,7 +44,29 @@ __all__ = [
 
 ZOPE_SENDMAIL_SECTION = "app:zope-sendmail"
 MAILOUTBOX_SECTION = "mailoutbox"
+RELAY_SECTION = "mailoutbox:relay"
 PASSWORD_KEYS = ("password", "password_env", "password_file")
+
+
+@dataclass
+class RelaySettings:
+    """The SMTP server of one relay (a ``[mailoutbox:relay NAME]`` section)."""
+
+    hostname: str = "localhost"
+    port: int | None = None  # 25, or 465 with implicit_tls
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    force_tls: bool = False
+    no_tls: bool = False
+    implicit_tls: bool = False
+    ca_file: str | None = None
+    timeout: float = 10.0
+
+    @property
+    def smtp_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 465 if self.implicit_tls else 25
 
 
 @dataclass
@@ -59,6 +90,8 @@ class Settings:
     retry_factor: float = 2.0
     retry_cap: float = 3600.0
     max_age: float = 5 * 24 * 3600.0
+    #: The relays, by name.
+    relays: dict[str, RelaySettings] = dataclasses.field(default_factory=dict)
 
     @property
     def smtp_port(self) -> int:
@@ -173,6 +206,12 @@ _MAILOUTBOX_TYPES: dict[str, Callable[[str], Any]] = {
     "max_age": duration,
 }
 
+_RELAY_KEYS = (
+    "hostname", "port", "username", "password", "password_env", "password_file",
+    "force_tls", "no_tls", "implicit_tls", "ca_file", "timeout",
+)
+_RELAY_TYPES = {key: _MAILOUTBOX_TYPES[key] for key in _RELAY_KEYS}
+
 
 # -- INI files ------------------------------------------------------------
 
@@ -227,27 +266,51 @@ def read_config(path: str, console: Console) -> dict[str, Any]:
         )
     values: dict[str, Any] = {}
     for section, types in sections:
-        layer = {}
-        for key in parser.options(section):
-            if key in defaults and parser.get(section, key, raw=True) == str(
-                defaults[key]
-            ):
-                continue
-            if key not in types:
-                if section == MAILOUTBOX_SECTION:
-                    raise CLIError(
-                        f"{name}: unknown key {key!r} in [{section}]; known keys:"
-                        f" {', '.join(sorted(types))}"
-                    )
-                continue  # other keys of a PasteDeploy section
-            try:
-                layer[key] = types[key](parser.get(section, key))
-            except (argparse.ArgumentTypeError, configparser.Error) as exc:
+        _merge(values, _read_section(parser, section, types, name, defaults))
+    relays = {}
+    for section in parser.sections():
+        kind, _space, relay = section.partition(" ")
+        if kind != RELAY_SECTION:
+            if section.startswith(MAILOUTBOX_SECTION + ":"):
                 raise CLIError(
-                    f"{name}: [{section}] {key}: {_one_line(exc)}"
-                ) from None
-        _merge(values, layer)
+                    f"{name}: unknown section [{section}] (a relay's section is"
+                    f" [{RELAY_SECTION} NAME])"
+                )
+            continue
+        relay = relay.strip()
+        try:
+            check_name(relay)
+        except ValueError as exc:
+            raise CLIError(f"{name}: [{section}]: {exc}") from None
+        relays[relay] = _read_section(parser, section, _RELAY_TYPES, name, defaults)
+    if relays:
+        values["relays"] = relays
     return values
+
+
+def _read_section(parser: configparser.ConfigParser, section: str,
+                  types: dict[str, Callable[[str], Any]], name: str,
+                  defaults: dict[str, str]) -> dict[str, Any]:
+    layer = {}
+    for key in parser.options(section):
+        if key in defaults and parser.get(section, key, raw=True) == str(
+            defaults[key]
+        ):
+            continue
+        if key not in types:
+            if section != ZOPE_SENDMAIL_SECTION:
+                raise CLIError(
+                    f"{name}: unknown key {key!r} in [{section}]; known keys:"
+                    f" {', '.join(sorted(types))}"
+                )
+            continue  # other keys of a PasteDeploy section
+        try:
+            layer[key] = types[key](parser.get(section, key))
+        except (argparse.ArgumentTypeError, configparser.Error) as exc:
+            raise CLIError(
+                f"{name}: [{section}] {key}: {_one_line(exc)}"
+            ) from None
+    return layer
 
 
 def _one_line(exc: BaseException) -> str:
@@ -297,21 +360,40 @@ def resolve(args: argparse.Namespace, console: Console, *,
     from_args["queue_path"] = getattr(args, "queue", None)
     _merge(values, from_args)
     password = _password(values)
+    relays = {
+        relay: _relay_settings(relay, layer)
+        for relay, layer in values.pop("relays", {}).items()
+    }
     settings = Settings(
         **{k: v for k, v in values.items() if k in fields and k != "password"},
         password=password,
+        relays=relays,
     )
     if need_queue and not settings.queue_path:
         raise CLIError(
             "no queue: give the queue's directory, or a --config file whose"
             " section sets queue_path"
         )
+    _check_smtp(settings, "")
+    return settings
+
+
+def _relay_settings(relay: str, values: dict[str, Any]) -> RelaySettings:
+    fields = {f.name for f in dataclasses.fields(RelaySettings)}
+    settings = RelaySettings(
+        **{k: v for k, v in values.items() if k in fields and k != "password"},
+        password=_password(values),
+    )
+    _check_smtp(settings, f"relay {relay!r}: ")
+    return settings
+
+
+def _check_smtp(settings: Settings | RelaySettings, where: str) -> None:
     if bool(settings.username) != bool(settings.password):
-        raise CLIError("a username and a password must be given together")
+        raise CLIError(f"{where}a username and a password must be given together")
     for first, second in (("force_tls", "no_tls"), ("implicit_tls", "no_tls")):
         if getattr(settings, first) and getattr(settings, second):
             raise CLIError(
-                f"{first.replace('_', '-')} and {second.replace('_', '-')}"
-                " contradict each other"
+                f"{where}{first.replace('_', '-')} and"
+                f" {second.replace('_', '-')} contradict each other"
             )
-    return settings

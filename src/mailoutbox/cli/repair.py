@@ -123,7 +123,7 @@ def retry(args: argparse.Namespace, console: Console) -> int:
 
 
 def _retry_one(view: QueueView, message: MessageInfo, console: Console) -> int:
-    maildir = view.maildir
+    maildir = message.maildir or view.maildir
     if message.state == "failed":
         try:
             maildir.requeue(message.entry)
@@ -179,7 +179,7 @@ def purge(args: argparse.Namespace, console: Console) -> int:
 
 
 def _purge_one(view: QueueView, message: MessageInfo, console: Console) -> int:
-    maildir = view.maildir
+    maildir = message.maildir or view.maildir
     if message.state == "failed":
         maildir.purge(message.entry)
     else:

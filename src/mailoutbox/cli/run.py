@@ -3,7 +3,10 @@
 The options and the ``--config`` file are those of zope.sendmail's
 ``zope-sendmail`` script, plus mailoutbox's own.  SIGTERM and SIGINT stop
 the processor after the messages in flight; a second SIGINT stops at once
-(the claims of the messages it interrupts expire after the lease).
+(the claims of the messages it interrupts expire after the lease).  The
+messages routed to a relay are sent through the SMTP server of the
+``[mailoutbox:relay NAME]`` section of the ``--config`` file; while a relay
+has no section, its messages are deferred.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any
 
 from mailoutbox.cli.common import add_common_arguments
 from mailoutbox.cli.common import add_queue_argument
+from mailoutbox.cli.config import RelaySettings
 from mailoutbox.cli.config import Settings
 from mailoutbox.cli.config import duration
 from mailoutbox.cli.config import factor
@@ -29,6 +33,7 @@ from mailoutbox.cli.errors import EXIT_NOT_SENT
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
 from mailoutbox.cli.progress import Progress
+from mailoutbox.cli.view import clean
 
 __all__ = ["Runner", "add_parser", "make_mailer", "make_processor", "run"]
 
@@ -41,7 +46,9 @@ def add_parser(commands: Any) -> None:
         " default), or every --interval seconds until stopped by SIGTERM or"
         " SIGINT (--daemon).  Both stop after the messages in flight.  The"
         " options are those of zope.sendmail's zope-sendmail script, and a"
-        " --config file for it works unchanged.",
+        " --config file for it works unchanged.  Messages routed to a relay"
+        " go through the SMTP server of its [mailoutbox:relay NAME] section"
+        " in the --config file.",
     )
     add_queue_argument(parser)
     parser.add_argument(
@@ -144,7 +151,7 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(func=run, log_level=0, log_tracebacks=True)
 
 
-def make_mailer(settings: Settings) -> Any:
+def make_mailer(settings: Settings | RelaySettings) -> Any:
     """The :class:`~mailoutbox.mailer.SMTPMailer` for *settings*."""
     from mailoutbox.mailer import SMTPMailer
 
@@ -187,6 +194,9 @@ def make_processor(settings: Settings, mailer: Any) -> Any:
         lease=settings.lease,
     )
     processor.setMailer(mailer)
+    processor.setMailers({
+        name: make_mailer(relay) for name, relay in settings.relays.items()
+    })
     try:
         processor.setQueuePath(settings.queue_path)
     except ValueError as exc:  # exists, but is not a Maildir
@@ -293,4 +303,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"sent {stats.sent}, deferred {stats.deferred}, failed"
             f" {stats.failed}, skipped {stats.skipped} ({elapsed:.1f} s)"
         )
+        for name, relay in stats.relays.items():
+            console.out(clean(
+                f"  relay {name}: sent {relay.sent}, deferred {relay.deferred},"
+                f" failed {relay.failed}, skipped {relay.skipped}"
+            ))
     return EXIT_NOT_SENT if stats.deferred or stats.failed else EXIT_OK

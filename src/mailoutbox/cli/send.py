@@ -3,16 +3,16 @@
 The message is either read whole from standard input (an RFC 5322 message,
 headers and body), or built from ``--subject`` and ``--body`` (or a body
 read from standard input).  The envelope comes from ``--from`` and ``--to``;
-without them, from the ``From`` (or ``Sender``) header and the ``To``,
-``Cc`` and ``Bcc`` headers, as ``sendmail -t`` does: the ``Bcc`` header is
-then removed from the message.
+without them, from the headers, as ``send_message()`` takes it
+(:mod:`mailoutbox.headers`): the ``Sender`` or ``From`` header, and the
+``To``, ``Cc`` and ``Bcc`` headers (or the newest ``Resent-`` block).  The
+``Bcc`` headers are then removed from the message.  ``--relay NAME``
+queues the message for the relay NAME.
 """
 from __future__ import annotations
 
 import argparse
-import email.parser
 import email.policy
-import re
 from email.message import EmailMessage
 from email.utils import formatdate
 from email.utils import getaddresses
@@ -24,6 +24,8 @@ from mailoutbox.cli.common import queue_path
 from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
+from mailoutbox.headers import envelope_from_headers as _envelope
+from mailoutbox.headers import remove_headers
 
 __all__ = ["add_parser", "build_message", "envelope_from_headers", "send"]
 
@@ -35,18 +37,24 @@ def add_parser(commands: Any) -> None:
         description="Queue one message in a transaction and print its"
         " Message-Id.  Give a whole message on standard input, or --subject"
         " and --body (without --body, the body is read from standard input)."
-        "  Without --from and --to, the envelope is taken from the From, To,"
-        " Cc and Bcc headers, and the Bcc header is removed.",
+        "  Without --from and --to, the envelope is taken from the Sender or"
+        " From, To, Cc and Bcc headers (or the newest Resent- block), and the"
+        " Bcc headers are removed.",
     )
     add_queue_argument(parser)
     parser.add_argument(
         "--from", dest="fromaddr", metavar="ADDRESS",
-        help="the sender (default: the From or Sender header)",
+        help="the sender (default: the Sender or From header)",
     )
     parser.add_argument(
         "--to", dest="toaddrs", metavar="ADDRESS", action="append",
         help="a recipient; repeat for more (default: the To, Cc and Bcc"
         " headers)",
+    )
+    parser.add_argument(
+        "--relay", metavar="NAME",
+        help="queue the message for the relay NAME, whose SMTP server 'run'"
+        " takes from its [mailoutbox:relay NAME] section",
     )
     parser.add_argument("--subject", help="build the message, with this subject")
     parser.add_argument(
@@ -85,47 +93,17 @@ def build_message(fromaddr: str, toaddrs: list[str], subject: str,
     return message.as_bytes()
 
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-
-
 def _drop_header(message: bytes, name: bytes) -> bytes:
-    """*message* without the header field *name* (and its continuation
-    lines); everything else is left byte for byte as it was."""
-    end = _HEADER_END.search(message)
-    if end is None:
-        return message
-    # The header block's last line ends where the separator starts.
-    lines = message[: end.start()].splitlines(keepends=True)
-    kept: list[bytes] = []
-    dropping = False
-    for line in lines:
-        if line[:1] not in (b" ", b"\t"):
-            dropping = line.split(b":", 1)[0].strip().lower() == name.lower()
-        if not dropping:
-            kept.append(line)
-    head = b"".join(kept)
-    for ending in (b"\r\n", b"\n"):
-        if head.endswith(ending):
-            head = head[: -len(ending)]
-            break
-    rest = message[end.start():]
-    if not head:  # only the dropped field: an empty header block
-        rest = rest[2:] if rest.startswith(b"\r\n") else rest[1:]
-    return head + rest
+    """*message* without the header field *name* (see
+    :func:`mailoutbox.headers.remove_headers`)."""
+    return remove_headers(message, (name,))
 
 
 def envelope_from_headers(message: bytes) -> tuple[str | None, list[str]]:
-    """The sender and recipients named by the headers of *message*."""
-    headers = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(
-        message, headersonly=True
-    )
-    senders = getaddresses(headers.get_all("From", []) or
-                           headers.get_all("Sender", []))
-    fromaddr = senders[0][1] if senders and senders[0][1] else None
-    recipients = getaddresses(
-        [str(v) for field in ("To", "Cc", "Bcc") for v in headers.get_all(field, [])]
-    )
-    return fromaddr, [addr for _name, addr in recipients if addr]
+    """The sender and recipients named by the headers of *message* (see
+    :func:`mailoutbox.headers.envelope_from_headers`)."""
+    fromaddr, toaddrs = _envelope(message)
+    return fromaddr, list(toaddrs)
 
 
 def _read_stdin(console: Console, what: str) -> bytes:
@@ -149,33 +127,47 @@ def send(args: argparse.Namespace, console: Console) -> int:
         message = _read_stdin(console, "the message")
         if not message.strip():
             raise CLIError("no message on standard input")
-        header_from, header_to = envelope_from_headers(message)
-        fromaddr = args.fromaddr or header_from
-        if not toaddrs:
-            toaddrs = header_to
-            message = _drop_header(message, b"Bcc")
+        try:
+            fromaddr, header_to = _envelope(
+                message, args.fromaddr or None, toaddrs or None)
+        except ValueError as exc:
+            raise CLIError(f"cannot queue the message: {exc}") from None
         if not fromaddr:
-            raise CLIError("no sender: give --from, or a From header")
+            raise CLIError("no sender: give --from, or a From (or Sender) header")
         if not toaddrs:
-            raise CLIError("no recipient: give --to, or To, Cc or Bcc headers")
-    message_id = queue_message(path, fromaddr, toaddrs, message)
+            if not header_to:
+                raise CLIError("no recipient: give --to, or To, Cc or Bcc headers")
+            message_id = queue_message(path, fromaddr, list(header_to), message,
+                                       args.relay, from_headers=True)
+            console.out(message_id)
+            return EXIT_OK
+    message_id = queue_message(path, fromaddr, toaddrs, message, args.relay)
     console.out(message_id)
     return EXIT_OK
 
 
 def queue_message(path: str, fromaddr: str, toaddrs: list[str],
-                  message: bytes) -> str:
-    """Queue *message* in the queue at *path* in a transaction of its own;
-    return its Message-Id."""
+                  message: bytes, relay: str | None = None, *,
+                  from_headers: bool = False) -> str:
+    """Queue *message* in the queue at *path* in a transaction of its own,
+    for *relay* if given; return its Message-Id.  With *from_headers* the
+    recipients came from the headers, and the message is queued by
+    ``send_message()``, which removes its Bcc headers."""
     import transaction
 
     from mailoutbox.delivery import QueuedMailDelivery
 
     manager = transaction.TransactionManager()
-    delivery = QueuedMailDelivery(path, transaction_manager=manager)
-    manager.begin()
     try:
-        message_id = delivery.send(fromaddr, toaddrs, message)
+        delivery = QueuedMailDelivery(
+            path, transaction_manager=manager,
+            mailers=None if relay is None else [relay])
+        manager.begin()
+        if from_headers:
+            message_id = delivery.send_message(message, fromaddr, toaddrs,
+                                               mailer=relay)
+        else:
+            message_id = delivery.send(fromaddr, toaddrs, message, mailer=relay)
     except (ValueError, TypeError) as exc:
         manager.abort()
         raise CLIError(f"cannot queue the message: {exc}") from None

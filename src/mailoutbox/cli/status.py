@@ -1,4 +1,8 @@
-"""``status``, ``list`` and ``show``: look at a queue without changing it."""
+"""``status``, ``list`` and ``show``: look at a queue without changing it.
+
+Messages routed to a relay are in the relay's folder inside the queue; the
+three commands show them with the others, and tell the relay.
+"""
 from __future__ import annotations
 
 import argparse
@@ -85,21 +89,31 @@ def add_parsers(commands: Any) -> None:
     parser.set_defaults(func=show)
 
 
-def status_data(view: QueueView) -> dict[str, Any]:
-    """What ``status --json`` prints."""
-    counts = view.counts()
-    waiting = view.select(("queued", "deferred", "sending"))
-    deferred = [m.retry_at for m in view.messages if m.state == "deferred"]
-    failed = view.select(("failed",))
+def _summary(view: QueueView, messages: list[MessageInfo]) -> dict[str, Any]:
+    waiting = view.select(("queued", "deferred", "sending"), messages)
+    deferred = [m.retry_at for m in messages if m.state == "deferred"]
     return {
+        **view.counts(messages),
+        "oldest_age": _age(view, waiting),
+        "next_attempt": min(deferred) if deferred else None,  # type: ignore[type-var]
+        "oldest_failed_age": _age(view, view.select(("failed",), messages)),
+    }
+
+
+def status_data(view: QueueView) -> dict[str, Any]:
+    """What ``status --json`` prints: the counts of every message, and, when
+    the queue has relay folders, those of each under ``relays``."""
+    data = {
         "version": JSON_VERSION,
         "queue": os.path.abspath(view.maildir.path),
         "time": view.now,
-        **counts,
-        "oldest_age": _age(view, waiting),
-        "next_attempt": min(deferred) if deferred else None,  # type: ignore[type-var]
-        "oldest_failed_age": _age(view, failed),
+        **_summary(view, view.messages),
     }
+    if view.relays:
+        data["relays"] = {
+            name: _summary(view, view.routed_to(name)) for name in view.relays
+        }
+    return data
 
 
 def _age(view: QueueView, messages: list[MessageInfo]) -> float | None:
@@ -126,6 +140,9 @@ def status(args: argparse.Namespace, console: Console) -> int:
         console.out(line)
     if data["oldest_age"] is not None:
         console.out(f"oldest    {format_age(data['oldest_age'])} old")
+    for name, relay in data.get("relays", {}).items():
+        counts = ", ".join(f"{state} {relay[state]}" for state in STATES)
+        console.out(clean(f"relay     {name}: {counts}"))
     return EXIT_OK
 
 
@@ -157,10 +174,12 @@ def list_messages(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     for message in messages:
         subject = message.head.header("Subject")
+        via = [] if message.relay is None else [f"via {message.relay}"]
         console.out(clean("  ".join([
             message.name,
             f"{message.state:<8}",
             f"{format_age(view.now - message.queued_at):>7}",
+            *via,
             _recipients(message),
             repr(subject) if subject is not None else "",
         ]).rstrip()))
@@ -203,6 +222,7 @@ def show(args: argparse.Namespace, console: Console) -> int:
         f"id:       {message.name}",
         f"state:    {_describe_state(view, message)}",
         f"file:     {message.entry.path}",
+        *([] if message.relay is None else [f"relay:    {message.relay}"]),
         f"queued:   {format_time(message.queued_at)}"
         f" ({format_age(view.now - message.queued_at)} ago)",
     ]
@@ -211,10 +231,11 @@ def show(args: argparse.Namespace, console: Console) -> int:
     else:
         lines.append(f"from:     {head.fromaddr}")
         lines.append(f"to:       {', '.join(head.toaddrs)}")
+    maildir = message.maildir or view.maildir
     if message.state == "failed":
-        lines += _state_lines("failure", view.maildir.reason(message.entry))
+        lines += _state_lines("failure", maildir.reason(message.entry))
     else:
-        lines += _state_lines("retry state", view.maildir.retry_state(message.entry))
+        lines += _state_lines("retry state", maildir.retry_state(message.entry))
     if head.headers is not None:
         lines.append("headers:")
         lines += [f"  {name}: {value}" for name, value in head.headers.items()]

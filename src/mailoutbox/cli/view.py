@@ -10,6 +10,9 @@ The states shown to people are:
     claimed by a processor right now;
 ``failed``
     in the failed area, never tried again unless retried.
+
+The view covers the queue's relay folders too (:mod:`mailoutbox.relays`):
+each message knows the folder it is in and the relay it is routed to.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from mailoutbox.cli.errors import CLIError
 from mailoutbox.envelope import parse_queue_file
 from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
+from mailoutbox.relays import relay_folders
 
 __all__ = [
     "STATES",
@@ -146,6 +150,10 @@ class MessageInfo:
     queued_at: float
     retry_at: float | None = None
     _head: Head | None = None
+    #: The folder the message is in: the queue, or a relay folder.
+    maildir: Maildir | None = None
+    #: The name of the relay (mailer) it is routed to; None: the default.
+    relay: str | None = None
 
     @property
     def name(self) -> str:
@@ -160,7 +168,9 @@ class MessageInfo:
     def as_dict(self, now: float) -> dict[str, Any]:
         """The message as JSON-able data (see the ``list --json`` keys)."""
         head = self.head
+        routed = {} if self.relay is None else {"relay": self.relay}
         return {
+            **routed,
             "id": self.name,
             "state": self.state,
             "queued_at": self.queued_at,
@@ -192,8 +202,20 @@ class QueueView:
     def __init__(self, path: str, now: float | None = None) -> None:
         self.maildir = open_queue(path)
         self.now = time.time() if now is None else now
-        scan = self.maildir.scan()
         self.messages: list[MessageInfo] = []
+        #: The relay folders, by relay name.
+        self.relays: dict[str, Maildir] = {}
+        self._add(self.maildir, None)
+        for name, folder in relay_folders(self.maildir.path):
+            try:
+                maildir = Maildir(folder)
+            except ValueError:  # not a Maildir: no processor reads it either
+                continue
+            self.relays[name] = maildir
+            self._add(maildir, name)
+
+    def _add(self, maildir: Maildir, relay: str | None) -> None:
+        scan = maildir.scan()
         for entry in scan.entries:
             retry_at = scan.retry_at.get(entry.name)
             if entry.name in scan.claimed:
@@ -202,21 +224,33 @@ class QueueView:
                 state = "deferred"
             else:
                 state = "queued"
-            self.messages.append(
-                MessageInfo(entry, state, _queued_at(entry), retry_at)
-            )
-        for entry in self.maildir.failed_entries():
-            self.messages.append(MessageInfo(entry, "failed", _queued_at(entry)))
+            self.messages.append(MessageInfo(
+                entry, state, _queued_at(entry), retry_at, maildir=maildir,
+                relay=relay,
+            ))
+        for entry in maildir.failed_entries():
+            self.messages.append(MessageInfo(
+                entry, "failed", _queued_at(entry), maildir=maildir, relay=relay,
+            ))
 
-    def select(self, states: tuple[str, ...] | list[str]) -> list[MessageInfo]:
-        """The messages in *states*, oldest first."""
-        chosen = [m for m in self.messages if m.state in states]
+    def select(self, states: tuple[str, ...] | list[str],
+               messages: list[MessageInfo] | None = None) -> list[MessageInfo]:
+        """The messages (of *messages*, default all) in *states*, oldest
+        first."""
+        chosen = [m for m in (self.messages if messages is None else messages)
+                  if m.state in states]
         chosen.sort(key=lambda m: (m.queued_at, m.name))
         return chosen
 
-    def counts(self) -> dict[str, int]:
+    def routed_to(self, relay: str) -> list[MessageInfo]:
+        """The messages of the relay folder of *relay*."""
+        return [m for m in self.messages if m.relay == relay]
+
+    def counts(self, messages: list[MessageInfo] | None = None) -> dict[str, int]:
+        """The number of messages (of *messages*, default all) in each
+        state."""
         counts = dict.fromkeys(STATES, 0)
-        for message in self.messages:
+        for message in self.messages if messages is None else messages:
             counts[message.state] += 1
         return counts
 
