@@ -337,9 +337,12 @@ def test_a_relay_without_a_mailer_is_deferred_not_failed(
     state = maildir.retry_state(maildir.scan().entries[0])
     assert "no mailer named 'unknown'" in state["error"]
     assert "no mailer named 'unknown'" in caplog.text
+    assert "could not send unknown-0@mailoutbox.test via relay 'unknown'" in caplog.text
 
 
-def test_a_named_imailer_utility_is_used(queue_path, servers, make_processor):
+def test_a_named_imailer_utility_is_used(queue_path, servers, make_processor,
+                                        caplog):
+    caplog.set_level(logging.INFO, logger="mailoutbox.queue")
     route(queue_path, "registered", 2, names=["registered"])
     registry = zope.component.getGlobalSiteManager()
     utility = mailer(servers["fast"].port)
@@ -349,6 +352,7 @@ def test_a_named_imailer_utility_is_used(queue_path, servers, make_processor):
     finally:
         registry.unregisterUtility(utility, IMailer, "registered")
     assert len(servers["fast"].messages) == 2
+    assert "sent registered-0@mailoutbox.test via relay 'registered'" in caplog.text
 
 
 def test_a_routed_message_survives_a_processor_restart(queue_path, servers,
@@ -382,7 +386,7 @@ def test_a_processor_stopped_before_sending_leaves_the_message(queue_path, serve
 
 
 def test_failures_claims_and_cleanup_inside_a_relay_folder(
-        queue_path, servers, make_processor):
+        queue_path, servers, make_processor, caplog):
     servers["fast"].reply("DATA", "554 5.7.1 rejected")
     [mid] = route(queue_path, "fast", 1)
     maildir = Maildir(relays.relay_path(queue_path, "fast"))
@@ -401,6 +405,7 @@ def test_failures_claims_and_cleanup_inside_a_relay_folder(
     [failed] = maildir.failed_entries()
     assert maildir.reason(failed)["code"] == 554
     assert maildir.reason(failed)["message_id"] == mid
+    assert f"moved {mid} via relay 'fast' ({failed.name}) to the failed" in caplog.text
     assert os.listdir(maildir.tmp) == [] and dotfiles(queue_path, "fast") == []
     assert not os.path.exists(os.path.join(queue_path, "failed"))
 

@@ -325,8 +325,9 @@ class QueueProcessorThread(threading.Thread):
     def _send(self, claim: Claim, job: Pass) -> str:
         """Send the claimed message through the pass's mailer and end the
         claim."""
+        via = "" if job.relay is None else f" via relay {job.relay!r}"
         try:
-            outcome = self._read_and_send(claim, job.now, job.mailer)
+            outcome = self._read_and_send(claim, job.now, job.mailer, via)
         except BaseException:
             claim.release()  # nothing was sent: give the message back
             raise
@@ -341,7 +342,6 @@ class QueueProcessorThread(threading.Thread):
                            message_id, claim.entry.name)
             raise
         refused = dict(refused or {})
-        via = "" if job.relay is None else f" through the mailer {job.relay!r}"
         if refused:
             self.log.warning(
                 "sent %s%s, but the server refused %s", message_id, via,
@@ -352,7 +352,7 @@ class QueueProcessorThread(threading.Thread):
         return SENT
 
     def _read_and_send(self, claim: Claim, clock: Callable[[], float],
-                       mailer: Any) -> str | tuple[str, Any]:
+                       mailer: Any, via: str = "") -> str | tuple[str, Any]:
         """Send the message, or end the claim if it cannot be sent (now).
 
         Returns the outcome, or ``(message_id, refused)`` once sent.
@@ -375,10 +375,10 @@ class QueueProcessorThread(threading.Thread):
         try:
             return message_id, mailer.send(fromaddr, toaddrs, message)
         except Exception as exc:
-            return self._failed_attempt(claim, message_id, exc, clock())
+            return self._failed_attempt(claim, message_id, exc, clock(), via)
 
     def _failed_attempt(self, claim: Claim, message_id: str, exc: Exception,
-                        now: float) -> str:
+                        now: float, via: str = "") -> str:
         """Defer the message, or fail it if the error is permanent or the
         message has been retried long enough."""
         try:
@@ -391,8 +391,9 @@ class QueueProcessorThread(threading.Thread):
         if not error.permanent and not state.pop("expired"):
             claim.defer(state["next_attempt"], state)
             self.log.warning(
-                "could not send %s (attempt %d), will try again in %.0f s: %s",
-                message_id, state["attempts"], state["next_attempt"] - now, error)
+                "could not send %s%s (attempt %d), will try again in %.0f s: %s",
+                message_id, via, state["attempts"], state["next_attempt"] - now,
+                error)
             self._notify(MailErrorEvent(message_id, str(error), permanent=False,
                                         code=error.code, refused=error.refused))
             return DEFERRED
@@ -401,16 +402,17 @@ class QueueProcessorThread(threading.Thread):
             hours = (now - state["first_attempt"]) / 3600
             text = (f"expired after {state['attempts']} attempts in"
                     f" {hours:.1f} h: {text}")
-        return self._fail(claim, message_id, text, now, error=error, state=state)
+        return self._fail(claim, message_id, text, now, error=error, state=state,
+                          via=via)
 
     def _fail(self, claim: Claim, message_id: str, text: str, now: float, *,
               error: errors.MailError | None = None,
-              state: dict[str, Any] | None = None) -> str:
+              state: dict[str, Any] | None = None, via: str = "") -> str:
         code = error.code if error is not None else None
         refused = error.refused if error is not None else {}
         claim.fail(_reason(message_id, text, now, code, refused, state))
-        self.log.error("moved %s (%s) to the failed area: %s", message_id,
-                       claim.entry.name, text)
+        self.log.error("moved %s%s (%s) to the failed area: %s", message_id,
+                       via, claim.entry.name, text)
         self._notify(MailErrorEvent(message_id, text, permanent=True, code=code,
                                     refused=refused))
         return FAILED
