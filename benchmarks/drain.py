@@ -238,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scenario", nargs="+", choices=sorted(SCENARIOS),
                         default=["smtp-sink", "aiosmtpd", "tls"])
     parser.add_argument("--only", nargs="+", help="contenders whose name contains")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the results to FILE (for plot.py)")
     parser.add_argument("--_child-big", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child_big:
@@ -247,6 +249,11 @@ def main(argv=None) -> int:
     for name in args.scenario:
         SCENARIOS[name](args, results)
     print_table(results)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([[s, n, v] for (s, n), v in results.items()], f, indent=1)
     return 0
 
 
