@@ -229,8 +229,9 @@ class Lanes:
         self.renew_claims()
 
     def threads(self) -> list[threading.Thread]:
-        return [t for lane in self.lanes.values() if lane.pool is not None
-                for t in lane.pool.threads]
+        """The worker threads; safe to call from any thread."""
+        pools = [lane.pool for lane in list(self.lanes.values())]  # one copy
+        return [t for pool in pools if pool is not None for t in pool.threads]
 
     # -- driving the lanes ----------------------------------------------------
 
