@@ -937,3 +937,15 @@ def test_zcml_unknown_mailers_are_configuration_errors(zcml, servers, queue_path
     with pytest.raises(ConfigurationError, match=error):
         zcml(smtp_mailers(servers) + body.format(q=queue_path))
     assert processor_threads() == {}
+
+
+@pytest.mark.parametrize("module", ["headers", "relays", "lanes"])
+def test_all_names_the_public_globals(module):
+    import importlib
+
+    mod = importlib.import_module(f"mailoutbox.{module}")
+    public = {name for name, value in vars(mod).items()
+              if not name.startswith("_") and getattr(value, "__module__", None)
+              == mod.__name__}
+    assert public <= set(mod.__all__)
+    assert all(hasattr(mod, name) for name in mod.__all__)
