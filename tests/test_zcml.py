@@ -252,7 +252,7 @@ def test_default_processor_options(queue_path):
         f'<mail:queuedDelivery mailer="smtp" queuePath="{queue_path}" />'
     )
     (thread,) = processor_threads().values()
-    assert (thread.interval, thread.concurrency, thread.lease) == (3.0, 4, 30.0)
+    assert (thread.interval, thread.concurrency, thread.lease) == (3.0, 8, 30.0)
     assert thread.retry == RetryPolicy()
 
 

@@ -42,6 +42,7 @@ from mailoutbox.interfaces import IMailDelivery
 from mailoutbox.interfaces import IMailer
 from mailoutbox.interfaces import IMailEvent
 from mailoutbox.mailer import SMTPMailer
+from mailoutbox.queue import DEFAULT_CONCURRENCY
 from mailoutbox.retry import RetryPolicy
 from mailoutbox.zcml import start_processor_thread
 
@@ -100,7 +101,7 @@ class MailSettings:
     default_sender: str | None = None
     processor: bool = False
     interval: float = 3.0
-    concurrency: int = 4
+    concurrency: int = DEFAULT_CONCURRENCY
     retry: RetryPolicy | None = None
 
     @classmethod

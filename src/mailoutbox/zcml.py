@@ -59,6 +59,7 @@ from mailoutbox.interfaces import IMailer
 from mailoutbox.interfaces import IQueuedMailDelivery
 from mailoutbox.maildir import DEFAULT_LEASE
 from mailoutbox.mailer import SMTPMailer
+from mailoutbox.queue import DEFAULT_CONCURRENCY
 from mailoutbox.queue import QueueProcessorThread
 from mailoutbox.relays import check_names
 from mailoutbox.retry import RetryPolicy
@@ -347,7 +348,7 @@ def queuedDelivery(
     name: str = "Mail",
     processorThread: bool = True,
     interval: float = 3.0,
-    concurrency: int = 4,
+    concurrency: int = DEFAULT_CONCURRENCY,
     lease: float = DEFAULT_LEASE,
     retry_initial: float | None = None,
     retry_factor: float | None = None,
@@ -409,7 +410,7 @@ def start_processor_thread(
     mailer: Any,
     *,
     interval: float = 3.0,
-    concurrency: int = 4,
+    concurrency: int = DEFAULT_CONCURRENCY,
     retry: RetryPolicy | None = None,
     lease: float = DEFAULT_LEASE,
     mailers: Mapping[str, Any] | None = None,

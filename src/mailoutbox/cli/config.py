@@ -24,6 +24,7 @@ from typing import Any
 
 from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import CLIError
+from mailoutbox.queue import DEFAULT_CONCURRENCY
 from mailoutbox.relays import check_name
 
 __all__ = [
@@ -84,7 +85,7 @@ class Settings:
     implicit_tls: bool = False
     ca_file: str | None = None
     timeout: float = 10.0
-    concurrency: int = 4
+    concurrency: int = DEFAULT_CONCURRENCY
     lease: float = 30.0
     retry_initial: float = 60.0
     retry_factor: float = 2.0
