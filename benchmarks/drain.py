@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/drain.py [--messages 2000] [--runs 3] [--only NAME ...]
+        [--scenario smtp-sink aiosmtpd tls big direct] [--json FILE]
 
 Starts its own servers on 127.0.0.1 (Postfix's smtp-sink, an aiosmtpd sink
 in its own process, the same with STARTTLS behind a proxy adding 5 ms of
@@ -175,6 +176,41 @@ def contenders(args, ca_file=None):
     ]
 
 
+def _direct_rate(delivery, manager, count: int) -> float:
+    message = (
+        b"From: bench@example.org\r\nTo: rcpt@example.org\r\n"
+        b"Subject: direct\r\n\r\n" + BODY
+    )
+    start = time.perf_counter()
+    for i in range(count):
+        with manager:
+            delivery.send("bench@example.org", [f"rcpt{i}@example.org"], message)
+    return count / (time.perf_counter() - start)
+
+
+def scenario_direct(args, results):
+    """Direct delivery: one message per transaction, sent at commit."""
+    import transaction
+    from zope.sendmail.delivery import DirectMailDelivery as ZopeDirect
+    from zope.sendmail.mailer import SMTPMailer as ZopeMailer
+
+    from mailoutbox.delivery import DirectMailDelivery
+    from mailoutbox.mailer import SMTPMailer
+
+    count = args.direct_messages
+    with smtp_sink() as port:
+        contenders = [
+            ("zope.sendmail", lambda: ZopeDirect(ZopeMailer("127.0.0.1", port))),
+            ("mailoutbox", lambda: DirectMailDelivery(SMTPMailer("127.0.0.1", port))),
+        ]
+        for name, make in contenders:
+            rates = []
+            for _ in range(args.runs):
+                delivery = make()
+                rates.append(_direct_rate(delivery, transaction.manager, count))
+            results[("direct (smtp-sink)", name)] = statistics.median(rates)
+
+
 def scenario_big_queue(args, results):
     """Per-message time and peak RSS for growing queues, in a subprocess."""
     with smtp_sink() as port:
@@ -206,6 +242,7 @@ SCENARIOS = {
     "aiosmtpd": scenario_aiosmtpd,
     "tls": scenario_tls_rtt,
     "big": scenario_big_queue,
+    "direct": scenario_direct,
 }
 
 
@@ -232,11 +269,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--tls-messages", type=int, default=300)
+    parser.add_argument("--direct-messages", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--big", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--scenario", nargs="+", choices=sorted(SCENARIOS),
-                        default=["smtp-sink", "aiosmtpd", "tls"])
+                        default=["smtp-sink", "aiosmtpd", "tls", "direct"])
     parser.add_argument("--only", nargs="+", help="contenders whose name contains")
     parser.add_argument("--json", metavar="FILE",
                         help="also write the results to FILE (for plot.py)")
