@@ -1,12 +1,18 @@
 """The envelope lines of queue files (mailoutbox.envelope)."""
 from __future__ import annotations
 
+from email.utils import getaddresses as _getaddresses
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from zope.sendmail.queue import QueueProcessorThread
 
 from mailoutbox import envelope
+from mailoutbox.envelope import _plain_addresses
 from mailoutbox.envelope import format_envelope
 from mailoutbox.envelope import parse_queue_file
+from mailoutbox.message import format_address as _format_address
 
 MESSAGE = b"Subject: s\r\n\r\nbody\r\n"
 
@@ -82,3 +88,32 @@ def test_parse_queue_file_written_by_zope_sendmail():
 def test_parse_queue_file_errors(data, reason):
     with pytest.raises(ValueError, match=reason):
         parse_queue_file(data)
+
+
+# -- the fast path for bare addresses agrees with the full parser ------------
+
+_atoms = st.text(
+    alphabet="abcXYZ019!#$%&'*+/=?^_`{|}~.-", min_size=1, max_size=8
+)
+_plain = st.builds(lambda local, domain: f"{local}@{domain}", _atoms,
+                   st.text(alphabet="abc019.-", min_size=1, max_size=8))
+
+
+@given(st.lists(st.one_of(_plain, st.just(""), st.just(" ")), max_size=5))
+def test_plain_addresses_match_the_full_parser(parts):
+    line = ", ".join(parts)
+    fast = _plain_addresses(line)
+    full = tuple(_format_address(n, a) for n, a in _getaddresses([line]) if a)
+    assert fast is not None
+    assert fast == full
+
+
+@pytest.mark.parametrize("line", [
+    '"Doe, Jane" <jane@example.org>',
+    "Jane <jane@example.org>",
+    "jane@example.org (Jane)",
+    "jöe@example.org",
+    "a@x.org, <b@x.org>",
+])
+def test_plain_addresses_leave_the_rest_to_the_full_parser(line):
+    assert _plain_addresses(line) is None

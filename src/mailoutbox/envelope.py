@@ -15,6 +15,7 @@ local parts or domains survive the round trip.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from email.utils import getaddresses
 
@@ -41,6 +42,20 @@ def format_envelope(fromaddr: str, toaddrs: Sequence[str]) -> bytes:
     )
 
 
+#: A bare ASCII addr-spec with nothing getaddresses() would treat specially.
+_PLAIN = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+\Z")
+
+
+def _plain_addresses(to: str) -> tuple[str, ...] | None:
+    """The recipients of an envelope line that lists only bare ASCII
+    addresses (the common case), without the cost of the full address
+    parser; None when any of them needs it."""
+    parts = [part.strip() for part in to.split(",")]
+    if all(_PLAIN.match(part) for part in parts if part):
+        return tuple(part for part in parts if part)
+    return None
+
+
 def parse_queue_file(data: bytes) -> tuple[str, tuple[str, ...], bytes]:
     """Split a queue file into ``(fromaddr, toaddrs, message)``.
 
@@ -58,11 +73,13 @@ def parse_queue_file(data: bytes) -> tuple[str, tuple[str, ...], bytes]:
         to = second[len(TO_PREFIX):].decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("envelope lines are not UTF-8") from None
-    toaddrs = tuple(
-        format_address(name, addr)
-        for name, addr in getaddresses([to])
-        if addr
-    )
+    toaddrs = _plain_addresses(to)
+    if toaddrs is None:
+        toaddrs = tuple(
+            format_address(name, addr)
+            for name, addr in getaddresses([to])
+            if addr
+        )
     if not toaddrs:
         raise ValueError("envelope names no recipient")
     return fromaddr.strip(), toaddrs, message
