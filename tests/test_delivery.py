@@ -18,6 +18,7 @@ from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mailoutbox import datamanager as datamanager_mod
 from mailoutbox import delivery as mod
 from mailoutbox import maildir as maildir_mod
 from mailoutbox.delivery import DirectDataManager
@@ -162,6 +163,11 @@ def our_datamanagers(txn):
 def test_module_names():
     for name in mod.__all__:
         assert hasattr(mod, name), name
+
+
+def test_datamanager_module_names():
+    for name in datamanager_mod.__all__:
+        assert getattr(mod, name) is getattr(datamanager_mod, name), name
 
 
 def test_interfaces(queue_path, tm):
@@ -785,7 +791,7 @@ def test_subscriber_may_commit_its_own_transaction(queue_path, tm, events):
 
 def test_dispatch_gives_up_moving_behind_other_hooks(tm, events, monkeypatch):
     """Two hooks that both want to be last: ours stops deferring."""
-    monkeypatch.setattr(mod, "MAX_HOOK_DEFERRALS", 3)
+    monkeypatch.setattr(datamanager_mod, "MAX_HOOK_DEFERRALS", 3)
     calls = []
 
     def greedy(status, txn, n=0):
@@ -806,7 +812,7 @@ def test_scheduling_failure_is_logged(tm, events, caplog, monkeypatch):
     def broken(txn, events):
         raise RuntimeError("cannot schedule")
 
-    monkeypatch.setattr(mod, "_schedule", broken)
+    monkeypatch.setattr(datamanager_mod, "_schedule", broken)
     message_id = DirectMailDelivery(RecordingMailer(), tm).send(
         "a@x.org", ["b@x.org"], MESSAGE)
     tm.commit()
