@@ -19,6 +19,7 @@ from zope.configuration.config import ConfigurationConflictError
 from zope.configuration.exceptions import ConfigurationError
 from zope.interface.verify import verifyObject
 
+import mailoutbox.processors
 import mailoutbox.zcml
 from mailoutbox.delivery import DirectMailDelivery
 from mailoutbox.delivery import QueuedMailDelivery
@@ -73,6 +74,13 @@ def mailer_zcml(server: SMTPServer, name: str = "smtp", extra: str = "") -> str:
         f'<mail:smtpMailer name="{name}" hostname="{server.host}"'
         f' port="{server.port}" {extra} />'
     )
+
+
+def test_module_names():
+    for name in mailoutbox.zcml.__all__:
+        assert hasattr(mailoutbox.zcml, name), name
+    for name in mailoutbox.processors.__all__:
+        assert getattr(mailoutbox.zcml, name) is getattr(mailoutbox.processors, name)
 
 
 # -- mail:smtpMailer ----------------------------------------------------------

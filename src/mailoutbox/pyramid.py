@@ -42,9 +42,9 @@ from mailoutbox.interfaces import IMailDelivery
 from mailoutbox.interfaces import IMailer
 from mailoutbox.interfaces import IMailEvent
 from mailoutbox.mailer import SMTPMailer
+from mailoutbox.processors import start_processor_thread
 from mailoutbox.queue import DEFAULT_CONCURRENCY
 from mailoutbox.retry import RetryPolicy
-from mailoutbox.zcml import start_processor_thread
 
 __all__ = [
     "IMailSettings",

@@ -22,9 +22,10 @@ Utilities are registered when the configuration is executed, not while it is
 parsed: deliveries after every mailer (so a delivery may name a mailer
 defined further down), processor threads last of all, each looking its mailer
 up by name at that moment.  One processor thread runs per queue folder and
-process, whatever the number of directives naming it; the threads are
-stopped at interpreter exit, and :func:`stop_processor_threads` stops them
-earlier (tests, application shutdown).
+process, whatever the number of directives naming it (see
+:mod:`mailoutbox.processors`); the threads are stopped at interpreter exit,
+and :func:`stop_processor_threads` stops them earlier (tests, application
+shutdown).
 
 The directives register into ``_context.registry`` when the configuration
 machine has one (pyramid_zcml gives it the application registry), and into
@@ -32,13 +33,9 @@ machine has one (pyramid_zcml gives it the application registry), and into
 """
 from __future__ import annotations
 
-import atexit
 import importlib
 import logging
-import os
-import threading
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
 
 from zope.component import getSiteManager
@@ -59,8 +56,10 @@ from mailoutbox.interfaces import IMailer
 from mailoutbox.interfaces import IQueuedMailDelivery
 from mailoutbox.maildir import DEFAULT_LEASE
 from mailoutbox.mailer import SMTPMailer
+from mailoutbox.processors import processor_threads
+from mailoutbox.processors import start_processor_thread
+from mailoutbox.processors import stop_processor_threads
 from mailoutbox.queue import DEFAULT_CONCURRENCY
-from mailoutbox.queue import QueueProcessorThread
 from mailoutbox.relays import check_names
 from mailoutbox.retry import RetryPolicy
 
@@ -78,11 +77,11 @@ __all__ = [
     "IQueuedDeliveryDirective",
     "ISMTPMailerDirective",
     "directDelivery",
-    "processor_threads",
+    "processor_threads",  # from mailoutbox.processors
     "queuedDelivery",
     "smtpMailer",
-    "start_processor_thread",
-    "stop_processor_threads",
+    "start_processor_thread",  # from mailoutbox.processors
+    "stop_processor_threads",  # from mailoutbox.processors
 ]
 
 log = logging.getLogger(__name__)
@@ -202,8 +201,6 @@ class IQueuedDeliveryDirective(IDeliveryDirective):
 
 #: The class the ``mail:smtpMailer`` directive instantiates.
 mailer_factory: Callable[..., Any] = SMTPMailer
-#: The class of the processor threads.
-processor_factory: Callable[..., Any] = QueueProcessorThread
 
 
 def _load_proxify() -> Callable[..., Any]:
@@ -390,88 +387,3 @@ def queuedDelivery(
     )
     if processorThread:
         _context.action(discriminator=None, callable=start, order=PROCESSOR_ORDER)
-
-
-# -- processor threads, one per queue folder and process ----------------------
-
-_threads: dict[str, Any] = {}
-_threads_lock = threading.Lock()
-_atexit_registered = False
-
-
-def processor_threads() -> dict[str, Any]:
-    """The running processor threads, by the real path of their queue."""
-    with _threads_lock:
-        return dict(_threads)
-
-
-def start_processor_thread(
-    queue_path: str,
-    mailer: Any,
-    *,
-    interval: float = 3.0,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    retry: RetryPolicy | None = None,
-    lease: float = DEFAULT_LEASE,
-    mailers: Mapping[str, Any] | None = None,
-) -> Any:
-    """Start a processor thread for *queue_path* unless one runs already.
-
-    *mailers* maps the names of relay folders to their mailers.  Returns the
-    thread serving the queue.  A second call for the same folder (by its
-    real path) returns the first thread and ignores its arguments, except
-    that the mailers of relay folders it does not know yet are added.
-    """
-    global _atexit_registered
-    key = os.path.realpath(queue_path)
-    with _threads_lock:
-        thread = _threads.get(key)
-        if thread is not None and thread.is_alive():
-            if thread.mailer is not mailer:
-                log.warning(
-                    "a processor thread already serves %s; the mailer given"
-                    " for it again is not used", key,
-                )
-            if mailers:
-                thread.setMailers({**mailers, **thread.mailers})
-            return thread
-        thread = processor_factory(
-            interval, concurrency=concurrency, retry=retry, lease=lease
-        )
-        thread.setMailer(mailer)
-        if mailers:
-            thread.setMailers(mailers)
-        thread.setQueuePath(queue_path)
-        thread.start()
-        _threads[key] = thread
-        if not _atexit_registered:
-            atexit.register(stop_processor_threads)
-            _atexit_registered = True
-    log.info("started the processor thread for %s", key)
-    return thread
-
-
-def stop_processor_threads(timeout: float | None = None) -> None:
-    """Stop every processor thread started here, and forget them.
-
-    Each thread finishes the messages in flight; with *timeout*, each gets
-    that many seconds.  Those that did not stop in time stay registered (a
-    later call waits for them again), and the first :class:`TimeoutError`
-    is raised once all were asked to stop.
-    """
-    with _threads_lock:
-        threads = list(_threads.items())
-        _threads.clear()
-    errors: list[TimeoutError] = []
-    for key, thread in threads:
-        try:
-            thread.stop(timeout)
-        except TimeoutError as exc:
-            log.error("the processor thread for %s did not stop in time", key)
-            errors.append(exc)
-            with _threads_lock:
-                _threads.setdefault(key, thread)
-        else:
-            log.info("stopped the processor thread for %s", key)
-    if errors:
-        raise errors[0]
