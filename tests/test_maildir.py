@@ -11,7 +11,10 @@ import pytest
 from zope.interface.verify import verifyClass
 from zope.interface.verify import verifyObject
 
+from mailoutbox import _files
+from mailoutbox import _writer
 from mailoutbox import maildir as mod
+from mailoutbox._files import write_json_atomically
 from mailoutbox.interfaces import IMaildir
 from mailoutbox.interfaces import IMaildirFactory
 from mailoutbox.interfaces import IMaildirMessageWriter
@@ -46,6 +49,13 @@ def maildir(queue_path):
 def test_module_names():
     for name in mod.__all__:
         assert hasattr(mod, name), name
+
+
+def test_helper_module_names():
+    for helper in (_files, _writer):
+        for name in helper.__all__:
+            assert hasattr(helper, name), name
+    assert mod.MaildirMessageWriter is _writer.MaildirMessageWriter
 
 
 def test_interfaces(maildir):
@@ -506,7 +516,7 @@ def test_cleanup_keeps_state_of_a_message_queued_after_the_scan(maildir):
 
 def test_json_state_written_atomically(maildir):
     entry = put(maildir)
-    mod._write_json_atomically(maildir.tmp, entry.sidecar(".retry-"), {"a": 1})
+    write_json_atomically(maildir.tmp, entry.sidecar(".retry-"), {"a": 1})
     with open(entry.sidecar(".retry-")) as f:
         assert json.load(f) == {"a": 1}
     assert mode(entry.sidecar(".retry-")) == 0o600 & ~_umask()

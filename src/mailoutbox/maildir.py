@@ -1,7 +1,9 @@
 """The queue on disk: a Maildir folder and the states of its messages.
 
-This module is the only code that moves message files.  The protocol is
-described in the documentation chapter "The queue on disk"; in short::
+This module is the only code that moves message files (the writer of new
+ones, :class:`MaildirMessageWriter`, is in the private ``_writer`` module,
+the system calls in ``_files``).  The protocol is described in the
+documentation chapter "The queue on disk"; in short::
 
     tmp/NAME              being written by a transaction (not yet queued)
     new/NAME, cur/NAME    queued
@@ -21,12 +23,10 @@ never send the same message at once.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
@@ -35,9 +35,18 @@ from typing import Any
 from zope.interface import implementer
 from zope.interface import provider
 
+from mailoutbox._files import DIR_MODE
+from mailoutbox._files import FILE_MODE
+from mailoutbox._files import O_NOFOLLOW
+from mailoutbox._files import O_NONBLOCK
+from mailoutbox._files import fsync_dir
+from mailoutbox._files import is_folder
+from mailoutbox._files import read_json
+from mailoutbox._files import unlink
+from mailoutbox._files import write_json_atomically
+from mailoutbox._writer import MaildirMessageWriter
 from mailoutbox.interfaces import IMaildir
 from mailoutbox.interfaces import IMaildirFactory
-from mailoutbox.interfaces import IMaildirMessageWriter
 
 __all__ = [
     "CLAIM_PREFIX",
@@ -64,34 +73,6 @@ DEFAULT_LEASE = 30.0
 #: (the Maildir specification's 36 hours).
 TMP_MAX_AGE = 36 * 3600.0
 
-_DIR_MODE = 0o700
-_FILE_MODE = 0o600
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-
-
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory *path* durable."""
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: str) -> bool:
-    """Remove *path*; return False if it did not exist."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _is_folder(path: str) -> bool:
-    return os.path.isdir(path) and not os.path.islink(path)
-
 
 class _Names:
     """Unique, time-ordered file names (``SECONDS.MusecPpidQnRrand.host``)."""
@@ -114,32 +95,6 @@ class _Names:
 
 
 _new_name = _Names()
-
-
-def _write_json_atomically(tmp_dir: str, path: str, data: dict[str, Any],
-                           mtime: float | None = None) -> None:
-    temp = os.path.join(tmp_dir, ".state-" + secrets.token_hex(8))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-    try:
-        with open(fd, "wb") as f:  # writes all of it (os.write may not)
-            f.write(json.dumps(data, sort_keys=True).encode())
-        if mtime is not None:
-            os.utime(temp, (mtime, mtime))
-        os.replace(temp, path)
-    except BaseException:
-        _unlink(temp)  # e.g. the disk is full: leave nothing behind
-        raise
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read() or b"{}")
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +140,7 @@ class Maildir:
         if create:
             for folder in (self.path, self.tmp, self.new, self.cur):
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(folder, _DIR_MODE)
+                    os.mkdir(folder, DIR_MODE)
         if not all(os.path.isdir(d) for d in (self.tmp, self.new, self.cur)):
             raise ValueError(f"{self.path} is not a Maildir folder")
 
@@ -201,8 +156,8 @@ class Maildir:
             path = os.path.join(self.tmp, name)
             try:
                 fd = os.open(
-                    path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW,
-                    _FILE_MODE,
+                    path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW,
+                    FILE_MODE,
                 )
             except FileExistsError:  # pragma: no cover - random part collided
                 continue
@@ -276,11 +231,11 @@ class Maildir:
 
     def reason(self, entry: Entry) -> dict[str, Any] | None:
         """Why a failed message failed."""
-        return _read_json(entry.sidecar(REASON_PREFIX))
+        return read_json(entry.sidecar(REASON_PREFIX))
 
     def retry_state(self, entry: Entry) -> dict[str, Any] | None:
         """The retry state of a deferred message (None if not deferred)."""
-        return _read_json(entry.sidecar(RETRY_PREFIX))
+        return read_json(entry.sidecar(RETRY_PREFIX))
 
     # -- claiming -------------------------------------------------------------
 
@@ -329,13 +284,13 @@ class Maildir:
                     os.link(private, claim_path, follow_symlinks=False)
             return stale
         finally:
-            _unlink(private)
+            unlink(private)
 
     # -- the failed area and repairs ------------------------------------------
 
     def _ensure_failed(self) -> None:
         with contextlib.suppress(FileExistsError):
-            os.mkdir(self.failed, _DIR_MODE)
+            os.mkdir(self.failed, DIR_MODE)
 
     def move_to_failed(self, entry: Entry, reason: dict[str, Any],
                        name: str | None = None) -> Entry:
@@ -344,9 +299,9 @@ class Maildir:
         retry state."""
         self._ensure_failed()
         target = Entry(self.failed, name or entry.name)
-        _write_json_atomically(self.tmp, target.sidecar(REASON_PREFIX), reason)
+        write_json_atomically(self.tmp, target.sidecar(REASON_PREFIX), reason)
         os.rename(entry.path, target.path)
-        _unlink(entry.sidecar(RETRY_PREFIX))
+        unlink(entry.sidecar(RETRY_PREFIX))
         return target
 
     def requeue(self, entry: Entry) -> Entry:
@@ -356,16 +311,16 @@ class Maildir:
             target = Entry(self.new, entry.name)
             os.rename(entry.path, target.path)
             fsync_dir(self.new)
-            _unlink(entry.sidecar(REASON_PREFIX))
+            unlink(entry.sidecar(REASON_PREFIX))
             return target
-        _unlink(entry.sidecar(RETRY_PREFIX))
+        unlink(entry.sidecar(RETRY_PREFIX))
         return entry
 
     def purge(self, entry: Entry) -> None:
         """Delete a message and its state files for good."""
-        _unlink(entry.path)
+        unlink(entry.path)
         for prefix in (RETRY_PREFIX, REASON_PREFIX):
-            _unlink(entry.sidecar(prefix))
+            unlink(entry.sidecar(prefix))
 
     def cleanup(self, scan: Scan, lease: float = DEFAULT_LEASE,
                 now: float | None = None) -> int:
@@ -395,8 +350,8 @@ class Maildir:
                     base = dotname[len(prefix):]
                     if (folder, base) not in names and not os.path.lexists(
                         os.path.join(folder, base)
-                    ) and not _is_folder(path):  # not ours; unlink() would fail
-                        done += _unlink(path)
+                    ) and not is_folder(path):  # not ours; unlink() would fail
+                        done += unlink(path)
         for dirent in self._list(self.tmp):
             if dirent.is_dir(follow_symlinks=False):
                 continue  # not a message file; unlink() would fail on it
@@ -405,7 +360,7 @@ class Maildir:
             except FileNotFoundError:  # pragma: no cover - removed meanwhile
                 continue
             if age > TMP_MAX_AGE:
-                done += _unlink(dirent.path)
+                done += unlink(dirent.path)
         return done
 
 
@@ -428,7 +383,7 @@ class Claim:
     def read(self) -> bytes:
         """The queue file's contents.  Symbolic links are not followed, and a
         fifo (put in place of the file after the listing) is not waited on."""
-        fd = os.open(self.entry.path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
+        fd = os.open(self.entry.path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
         with os.fdopen(fd, "rb") as f:
             return f.read()
 
@@ -442,91 +397,24 @@ class Claim:
 
     def release(self) -> None:
         """Give the message back to the queue untouched."""
-        _unlink(self.claim_path)
+        unlink(self.claim_path)
 
     def complete(self) -> None:
         """The message was sent: remove it and its state."""
-        _unlink(self.entry.path)
-        _unlink(self.entry.sidecar(RETRY_PREFIX))
-        _unlink(self.claim_path)
+        unlink(self.entry.path)
+        unlink(self.entry.sidecar(RETRY_PREFIX))
+        unlink(self.claim_path)
 
     def defer(self, retry_at: float, state: dict[str, Any]) -> None:
         """Keep the message queued until *retry_at*, recording *state*."""
-        _write_json_atomically(
+        write_json_atomically(
             self.maildir.tmp, self.entry.sidecar(RETRY_PREFIX), state, retry_at
         )
-        _unlink(self.claim_path)
+        unlink(self.claim_path)
 
     def fail(self, reason: dict[str, Any]) -> Entry:
         """Move the message to the failed area with *reason*."""
         try:
             return self.maildir.move_to_failed(self.entry, reason)
         finally:
-            _unlink(self.claim_path)
-
-
-@implementer(IMaildirMessageWriter)
-class MaildirMessageWriter:
-    """See :class:`mailoutbox.interfaces.IMaildirMessageWriter`.
-
-    Besides the interface, :meth:`sync` does the fallible part of a commit
-    (flush, fsync, close) so that a two-phase commit can do it when voting,
-    and ``commit(fsync_dir=False)`` lets a caller that commits many
-    messages fsync ``new/`` once (:meth:`Maildir.sync_new`).
-    """
-
-    def __init__(self, maildir: Maildir, fd: int, name: str) -> None:
-        self.maildir = maildir
-        self.name = name
-        self.tmp_path = os.path.join(maildir.tmp, name)
-        self.new_path = os.path.join(maildir.new, name)
-        self._file = os.fdopen(fd, "wb")
-        self._synced = False
-        self._committed = False
-        self._aborted = False
-
-    def write(self, data: bytes | str) -> None:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        self._file.write(data)
-
-    def writelines(self, lines: Iterable[bytes | str]) -> None:
-        for line in lines:
-            self.write(line)
-
-    def close(self) -> None:
-        self._file.close()
-
-    def sync(self) -> None:
-        """Flush, fsync and close the file in ``tmp/``."""
-        if self._synced:
-            return
-        if self._aborted:
-            raise RuntimeError("Cannot sync, message already aborted")
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-        self._synced = True
-
-    def commit(self, fsync_dir: bool = True) -> None:
-        if self._aborted:
-            raise RuntimeError("Cannot commit, message already aborted")
-        if self._committed:
-            return
-        self.sync()
-        os.rename(self.tmp_path, self.new_path)
-        self._committed = True
-        if fsync_dir:
-            self.maildir.sync_new()
-
-    def abort(self) -> None:
-        if self._committed or self._aborted:
-            return
-        self._aborted = True
-        # Closing flushes what is buffered, which fails again if a write
-        # failed (a full disk): the data is being thrown away anyway.
-        with contextlib.suppress(OSError):
-            self._file.close()
-        _unlink(self.tmp_path)
+            unlink(self.claim_path)
