@@ -155,7 +155,8 @@ class Lanes:
         job = Pass(maildir, scan, clock, processor._stopping,
                    processor.max_messages_per_pass, on_progress,
                    processor.concurrency, mailer=mailer, relay=lane.name,
-                   on_finished=self.wakeup.set)
+                   on_finished=self.wakeup.set,
+                   adaptive=processor.adaptive)
         lane.mailer, lane.job, lane.started = mailer, job, time.monotonic()
         if not job.total:
             job.finished.set()

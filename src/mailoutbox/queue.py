@@ -93,8 +93,13 @@ class QueueProcessorThread(threading.Thread):
     """See :class:`mailoutbox.interfaces.IMailQueueProcessor`.
 
     *interval* is the time in seconds between two passes over the queue
-    when the processor runs as a thread; *concurrency* the number of
-    messages sent at once (each worker keeps its own connection); *retry*
+    when the processor runs as a thread; *concurrency* the largest number
+    of messages sent at once per relay (each worker keeps its own
+    connection); with *adaptive* (the default) each pass starts with one
+    worker, times its first sends and uses only as many workers as can
+    usefully overlap: all of them against a distant or slow relay, fewer
+    against a fast local one, where more threads would only compete for
+    the interpreter (see :class:`mailoutbox.workers.Pass`); *retry*
     the :class:`~mailoutbox.retry.RetryPolicy`; *lease* how long, in
     seconds, a claim stays valid without being renewed;
     *max_messages_per_pass* makes a pass stop after attempting that many
@@ -115,7 +120,7 @@ class QueueProcessorThread(threading.Thread):
                  retry: RetryPolicy | None = None, lease: float = DEFAULT_LEASE,
                  max_messages_per_pass: int | None = None,
                  mailers: Mapping[str, Any] | None = None,
-                 max_relays: int = 8) -> None:
+                 max_relays: int = 8, adaptive: bool = True) -> None:
         super().__init__(name="mailoutbox.queue.QueueProcessorThread", daemon=True)
         if not (isinstance(concurrency, int) and concurrency >= 1):
             raise ValueError(
@@ -129,6 +134,7 @@ class QueueProcessorThread(threading.Thread):
                 f"max_relays must be an integer >= 1, not {max_relays!r}")
         self.interval = interval
         self.concurrency = concurrency
+        self.adaptive = adaptive
         self.retry = RetryPolicy() if retry is None else retry
         self.lease = lease
         self.max_messages_per_pass = max_messages_per_pass
@@ -307,13 +313,17 @@ class QueueProcessorThread(threading.Thread):
                     self._shutdown_locked()
 
     def _work(self, job: Pass) -> None:
-        while (entry := job.next_entry()) is not None:
+        slot = job.join()
+        while (entry := job.next_entry(slot)) is not None:
+            wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 outcome = self._process(job, entry)
             except Exception:
                 self.log.exception("unexpected error while processing %s", entry.path)
                 outcome = SKIPPED
             job.record(outcome)
+            if outcome != SKIPPED:
+                job.observe(time.perf_counter() - wall, time.thread_time() - cpu)
 
     def _process(self, job: Pass, entry: Entry) -> str:
         maildir = job.maildir

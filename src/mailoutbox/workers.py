@@ -12,7 +12,9 @@ and each of its relay folders has a pool and passes of its own
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import statistics
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,13 @@ log = logging.getLogger(__name__)
 
 #: The outcomes of a message in a pass (names of :class:`Stats` counters).
 SENT, DEFERRED, FAILED, SKIPPED = "sent", "deferred", "failed", "skipped"
+
+#: Sends timed, one worker at a time, before a pass decides how many
+#: workers to use (see :meth:`Pass.observe`).
+SAMPLES = 3
+#: A send this slow (seconds) is waiting on the relay, not on the CPU: all
+#: workers are used at once.
+SLOW_SEND = 0.05
 
 #: ``on_progress(done, total)``: *done* of the *total* messages of the pass
 #: have been handled (sent, deferred, failed or skipped).
@@ -75,13 +84,22 @@ class Stats:
 
 class Pass:
     """The shared state of one pass: the entries still to hand out, the
-    counts, and the claims in flight."""
+    counts, and the claims in flight.
+
+    With *adaptive*, the pass starts with one worker and times its first
+    sends (:meth:`observe`): the ratio of a send's wall time to the CPU time
+    its thread used says how many sends can usefully overlap.  Against a
+    distant or slow relay (waiting dominates) every worker is used; against
+    a fast local one, where more threads would only compete for the
+    interpreter, only as many as the ratio says.
+    """
 
     def __init__(self, maildir: Maildir, scan: Scan, now: Callable[[], float],
                  stopping: threading.Event, limit: int | None,
                  on_progress: ProgressCallback | None, workers: int, *,
                  mailer: Any = None, relay: str | None = None,
-                 on_finished: Callable[[], None] | None = None) -> None:
+                 on_finished: Callable[[], None] | None = None,
+                 adaptive: bool = False) -> None:
         self.maildir = maildir
         #: The mailer that sends the messages of this pass.
         self.mailer = mailer
@@ -102,24 +120,69 @@ class Pass:
         self._workers_left = workers
         self._lock = threading.Lock()
         self._in_flight: set[Claim] = set()
+        self.workers = workers
+        #: How many workers may take messages (the others wait).
+        self.active = 1 if adaptive else workers
+        self._samples: list[float] = []
+        self._decided = not adaptive
+        self._exhausted = False
+        self._slots = 0
+        self._gate = threading.Condition(self._lock)
 
-    def next_entry(self) -> Entry | None:
-        """The next message to attempt; None when there is none (or the
-        processor is stopping, or the pass reached its limit)."""
+    def join(self) -> int:
+        """A worker starts on this pass: its slot number (0, 1, ...)."""
         with self._lock:
-            while self._index < self.total and not self._stopping.is_set():
-                if self._limit is not None and self._handed_out >= self._limit:
-                    self.stats.limited = True
+            slot = self._slots
+            self._slots += 1
+            return slot
+
+    def observe(self, wall: float, cpu: float) -> None:
+        """Record how long a send took, in wall time and in CPU time of the
+        thread that made it; after the first few, decide how many workers
+        to use for the rest of the pass."""
+        with self._lock:
+            if self._decided:
+                return
+            if wall >= SLOW_SEND:
+                wanted = self.workers
+            else:
+                self._samples.append(wall / max(cpu, 1e-6))
+                if len(self._samples) < SAMPLES:
+                    return
+                wanted = math.ceil(statistics.median(self._samples))
+            self.active = max(1, min(self.workers, wanted))
+            self._decided = True
+            self._gate.notify_all()
+
+    def next_entry(self, slot: int = 0) -> Entry | None:
+        """The next message to attempt; None when there is none (or the
+        processor is stopping, or the pass reached its limit).  A worker
+        whose *slot* is not active waits until it is, or the pass ends."""
+        with self._lock:
+            while slot >= self.active and not self._exhausted:
+                if self._stopping.is_set():
                     return None
-                entry = self.scan.entries[self._index]
-                self._index += 1
-                retry_at = self.scan.retry_at.get(entry.name)
-                if retry_at is not None and retry_at > self.now():
-                    self._record(SKIPPED)
-                    continue
-                self._handed_out += 1
-                return entry
-            return None
+                self._gate.wait(0.1)
+            entry = self._next_locked()
+            if entry is None:
+                self._exhausted = True
+                self._gate.notify_all()
+            return entry
+
+    def _next_locked(self) -> Entry | None:
+        while self._index < self.total and not self._stopping.is_set():
+            if self._limit is not None and self._handed_out >= self._limit:
+                self.stats.limited = True
+                return None
+            entry = self.scan.entries[self._index]
+            self._index += 1
+            retry_at = self.scan.retry_at.get(entry.name)
+            if retry_at is not None and retry_at > self.now():
+                self._record(SKIPPED)
+                continue
+            self._handed_out += 1
+            return entry
+        return None
 
     def record(self, outcome: str) -> None:
         with self._lock:
