@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from mailoutbox import address as address_mod
 from mailoutbox import message as mod
 from mailoutbox.envelope import format_envelope
 from mailoutbox.envelope import parse_queue_file
@@ -24,6 +25,11 @@ from mailoutbox.message import prepare_message
 def test_all_names_exist():
     for name in mod.__all__:
         assert hasattr(mod, name), name
+
+
+def test_address_names_are_reexported():
+    for name in address_mod.__all__:
+        assert getattr(mod, name) is getattr(address_mod, name), name
 
 
 # -- addresses ---------------------------------------------------------------
@@ -245,10 +251,10 @@ _addressish = st.text(st.sampled_from("aZ09.-_+@<>\" ,!~é"), max_size=24)
 @given(text=_addressish | _addr_specs)
 def test_property_fast_path_agrees_with_the_parser(text):
     """Simple addresses skip the parser; the parser accepts them as they are."""
-    if mod._SIMPLE.match(text) and len(text) - text.index("@") <= 254:
-        assert mod._split(text) == ("", text)
+    if address_mod._SIMPLE.match(text) and len(text) - text.index("@") <= 254:
+        assert address_mod._split(text) == ("", text)
     try:
-        expected = mod._split(text)
+        expected = address_mod._split(text)
     except ValueError:
         expected = None
     try:
@@ -259,7 +265,7 @@ def test_property_fast_path_agrees_with_the_parser(text):
 
 def test_long_simple_domain_goes_through_the_parser():
     domain = ".".join(["a" * 63] * 4)  # 255 characters
-    assert mod._SIMPLE.match("j@" + domain)
+    assert address_mod._SIMPLE.match("j@" + domain)
     with pytest.raises(ValueError, match="longer than 253"):
         parse_address("j@" + domain)
 

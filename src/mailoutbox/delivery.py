@@ -19,6 +19,8 @@ from typing import Any
 import transaction
 from zope.interface import implementer
 
+from mailoutbox.address import check_recipients
+from mailoutbox.address import check_sender
 from mailoutbox.datamanager import _OPEN
 from mailoutbox.datamanager import DirectDataManager
 from mailoutbox.datamanager import QueuedDataManager
@@ -29,8 +31,6 @@ from mailoutbox.headers import prepare_send_message
 from mailoutbox.interfaces import IDirectMailDelivery
 from mailoutbox.interfaces import IQueuedMailDelivery
 from mailoutbox.maildir import Maildir
-from mailoutbox.message import check_recipients
-from mailoutbox.message import check_sender
 from mailoutbox.message import make_msgid
 from mailoutbox.message import prepare_message
 from mailoutbox.relays import check_name

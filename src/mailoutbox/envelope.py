@@ -19,8 +19,8 @@ import re
 from collections.abc import Sequence
 from email.utils import getaddresses
 
-from mailoutbox.message import format_address
-from mailoutbox.message import parse_address
+from mailoutbox.address import format_address
+from mailoutbox.address import parse_address
 
 __all__ = ["format_envelope", "parse_queue_file"]
 
@@ -32,7 +32,7 @@ def format_envelope(fromaddr: str, toaddrs: Sequence[str]) -> bytes:
     """The two envelope lines for a queue file.
 
     *fromaddr* must not contain CR, LF or NUL; each of *toaddrs* must be a
-    valid address (see :func:`mailoutbox.message.parse_address`, which
+    valid address (see :func:`mailoutbox.address.parse_address`, which
     raises :class:`ValueError` otherwise).  Display names are quoted when
     they need it.
     """
