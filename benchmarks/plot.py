@@ -55,7 +55,7 @@ def svg(results: list[list]) -> str:
                 f' fill="{COLOURS[j % len(COLOURS)]}"/>'
             )
             out.append(f'<text x="{x + bar * 0.45:.1f}" y="{y(value) - 3:.1f}"'
-                       f' text-anchor="middle" font-size="9">{value:.0f}</text>')
+                       f' text-anchor="middle" font-size="8">{value:.0f}</text>')
         out.append(f'<text x="{x0 + group * 0.4:.1f}" y="{top + plot_h + 16}"'
                    f' text-anchor="middle">{escape(server)}</text>')
     for j, name in enumerate(names):

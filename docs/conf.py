@@ -24,3 +24,4 @@ autodoc_member_order = "bysource"
 nitpicky = False
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
+html_static_path = ["_static"]
