@@ -330,6 +330,18 @@ def test_bind():
     assert bind(other, manager) is other
 
 
+def test_bind_keeps_the_relays():
+    manager = transaction.TransactionManager()
+    queued = QueuedMailDelivery("/var/spool/q", mailers=["crm-1"])
+    assert bind(queued, manager).mailer_names == {"crm-1"}
+    relay = SMTPMailer()
+    direct = DirectMailDelivery(SMTPMailer(), mailers={"crm-1": relay})
+    bound = bind(direct, manager)
+    assert bound.mailers == {"crm-1": relay}
+    assert bound.transaction_manager is manager
+    assert direct.transaction_manager is None
+
+
 # -- events -------------------------------------------------------------------
 
 

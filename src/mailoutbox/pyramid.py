@@ -17,6 +17,7 @@ so ``config.add_subscriber(handler, IMailSentEvent)`` works.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import threading
@@ -264,14 +265,12 @@ def bind(delivery: Any, transaction_manager: Any) -> Any:
     current = getattr(delivery, "transaction_manager", None) or transaction.manager
     if current is transaction_manager:
         return delivery
-    if isinstance(delivery, QueuedMailDelivery):
-        return type(delivery)(
-            delivery.queuePath, transaction_manager=transaction_manager
-        )
-    if isinstance(delivery, DirectMailDelivery):
-        return type(delivery)(
-            delivery.mailer, transaction_manager=transaction_manager
-        )
+    if isinstance(delivery, (QueuedMailDelivery, DirectMailDelivery)):
+        # A shallow copy keeps everything else, the relays it may route to
+        # among them.
+        bound = copy.copy(delivery)
+        bound.transaction_manager = transaction_manager
+        return bound
     return delivery
 
 
