@@ -34,6 +34,7 @@ from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
 from mailoutbox.cli.progress import Progress
 from mailoutbox.cli.view import clean
+from mailoutbox.queue import DEFAULT_CONCURRENCY
 
 __all__ = ["Runner", "add_parser", "make_mailer", "make_processor", "run"]
 
@@ -114,8 +115,9 @@ def add_parser(commands: Any) -> None:
     queue = parser.add_argument_group("queue processing")
     queue.add_argument(
         "--concurrency", metavar="N", type=positive_int,
-        help="how many messages are sent at once, each over its own"
-        " connection (default: 4)",
+        help="at most how many messages are sent at once per relay, each"
+        " over its own connection; fewer when the relay answers fast enough"
+        f" (default: {DEFAULT_CONCURRENCY})",
     )
     queue.add_argument(
         "--lease", metavar="SECONDS", type=duration,
