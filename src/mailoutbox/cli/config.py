@@ -18,6 +18,7 @@ import configparser
 import dataclasses
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -118,30 +119,29 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2).lower() or "s"]
 
 
-def port(text: str) -> int:
-    """A TCP port number."""
+def _whole_number(text: str, low: int, high: int, error: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(
-            f"invalid port {text!r}: use a number from 1 to 65535"
-        )
+        value = low - 1
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(error)
     return value
+
+
+def port(text: str) -> int:
+    """A TCP port number."""
+    return _whole_number(
+        text, 1, 65535, f"invalid port {text!r}: use a number from 1 to 65535"
+    )
 
 
 def positive_int(text: str) -> int:
     """A whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"invalid number {text!r}: use a whole number of at least 1"
-        )
-    return value
+    return _whole_number(
+        text, 1, sys.maxsize,
+        f"invalid number {text!r}: use a whole number of at least 1",
+    )
 
 
 def factor(text: str) -> float:

@@ -113,13 +113,18 @@ def retry(args: argparse.Namespace, console: Console) -> int:
         missing = False
     else:
         messages, missing = _targets(view, args.ids, console)
-    done = 0
-    report = Console(_Discard(), console.stderr) if args.quiet else console
-    for message in messages:
-        done += _retry_one(view, message, report)
+    done = _each(messages, _retry_one, view, args, console)
     if not args.quiet:
         console.out(f"{done} message(s) queued for the next pass")
     return EXIT_NOT_FOUND if missing else EXIT_OK
+
+
+def _each(messages: list[MessageInfo], action, view: QueueView,
+          args: argparse.Namespace, console: Console) -> int:
+    """Apply *action* to each message (reporting on a console that
+    ``--quiet`` silences); return how many it changed."""
+    report = Console(_Discard(), console.stderr) if args.quiet else console
+    return sum(action(view, message, report) for message in messages)
 
 
 def _retry_one(view: QueueView, message: MessageInfo, console: Console) -> int:
@@ -169,10 +174,7 @@ def purge(args: argparse.Namespace, console: Console) -> int:
             )
     else:
         messages, missing = _targets(view, args.ids, console)
-    done = 0
-    report = Console(_Discard(), console.stderr) if args.quiet else console
-    for message in messages:
-        done += _purge_one(view, message, report)
+    done = _each(messages, _purge_one, view, args, console)
     if not args.quiet:
         console.out(f"{done} message(s) deleted")
     return EXIT_NOT_FOUND if missing else EXIT_OK
