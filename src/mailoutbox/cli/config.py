@@ -72,20 +72,12 @@ class RelaySettings:
 
 
 @dataclass
-class Settings:
-    """Everything ``run`` needs; other commands use ``queue_path`` only."""
+class Settings(RelaySettings):
+    """Everything ``run`` needs: the default relay's SMTP server, and the
+    processor's options; other commands use ``queue_path`` only."""
 
     queue_path: str | None = None
     interval: float = 3.0
-    hostname: str = "localhost"
-    port: int | None = None  # 25, or 465 with implicit_tls
-    username: str | None = None
-    password: str | None = dataclasses.field(default=None, repr=False)
-    force_tls: bool = False
-    no_tls: bool = False
-    implicit_tls: bool = False
-    ca_file: str | None = None
-    timeout: float = 10.0
     concurrency: int = DEFAULT_CONCURRENCY
     lease: float = 30.0
     retry_initial: float = 60.0
@@ -94,12 +86,6 @@ class Settings:
     max_age: float = 5 * 24 * 3600.0
     #: The relays, by name.
     relays: dict[str, RelaySettings] = dataclasses.field(default_factory=dict)
-
-    @property
-    def smtp_port(self) -> int:
-        if self.port is not None:
-            return self.port
-        return 465 if self.implicit_tls else 25
 
 
 # -- value types (for argparse and INI files alike) --------------------------
