@@ -52,7 +52,7 @@ def test_close_connection_closes_only_the_calling_threads_connection():
         assert server.connections == 2
         mailer.close_connection()
         assert server.commands.count("QUIT") == 1
-        assert mailer._current() is None
+        assert getattr(mailer._local, "connection", None) is None
         mailer.close_connection()  # no connection: nothing to do
         assert server.commands.count("QUIT") == 1
         mailer.send(SENDER, TO, message(3))  # a new connection
