@@ -8,11 +8,18 @@ read very slowly).
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
 import threading
+import time
+
+import pytest
 
 from mailoutbox import errors
 from mailoutbox.errors import MailAuthenticationError
 from mailoutbox.errors import MailConfigurationError
+from mailoutbox.errors import MailTimeoutError
 from mailoutbox.errors import MailTLSError
 from mailoutbox.errors import TransientMailError
 from mailoutbox.mailer import SMTPMailer
@@ -59,3 +66,224 @@ def test_close_connection_closes_only_the_calling_threads_connection():
         assert server.connections == 3
         mailer.close()
         assert len(server.messages) == 3
+
+
+# -- deadlines: servers that trickle ----------------------------------------
+
+
+class Trickler:
+    """An SMTP peer on 127.0.0.1 that answers normally until *stage* and
+    there starts a reply it never finishes: a continuation line every
+    *every* seconds, for at most *limit* seconds (so that a client without
+    deadlines is not held forever), then it closes the connection.
+
+    *stage* is ``"greeting"``, a command verb (``"EHLO"``, ``"MAIL"``,
+    ``"RCPT"``, ``"DATA"``), ``"."`` (the end of the data), ``"reading"``
+    (the data is read *read_size* bytes every *every* seconds, from a
+    receive buffer of *buffer* bytes) or ``None`` (no fault).  With
+    *tls_context*, TLS is spoken from the first byte (implicit TLS).  Each
+    connection is served by its own thread; :attr:`messages` holds the
+    data received.
+    """
+
+    EHLO = b"250-trickler.test\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n"
+
+    def __init__(self, stage, every=0.2, limit=15.0, read_size=1024,
+                 buffer=4096, tls_context=None):
+        self.stage = stage
+        self.every = every
+        self.limit = limit
+        self.read_size = read_size
+        self.tls_context = tls_context
+        self.messages: list[bytes] = []
+        self.verbs: list[str] = []
+        self.host = "127.0.0.1"
+        self._stop = threading.Event()
+        self._listener = socket.socket()
+        if stage == "reading":
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        self._listener.bind((self.host, 0))
+        self._listener.listen()
+        self._listener.settimeout(0.05)
+        self.port = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+
+    def __enter__(self):
+        self._threads[0].start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(self.limit + 5)
+        self._listener.close()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                conn, _address = self._listener.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        with contextlib.suppress(OSError, ssl.SSLError):
+            if self.tls_context is not None:
+                conn.settimeout(5)
+                conn = self.tls_context.wrap_socket(conn, server_side=True)
+            with conn:
+                conn.settimeout(self.limit)
+                self._session(conn, conn.makefile("rb"))
+
+    def _trickle(self, conn, line):
+        end = time.monotonic() + self.limit
+        while time.monotonic() < end and not self._stop.wait(self.every):
+            conn.sendall(line)
+
+    def _answer(self, conn, stage, reply):
+        if stage == self.stage:
+            self._trickle(conn, reply[:3] + b"-still thinking\r\n")
+            return False
+        conn.sendall(reply)
+        return True
+
+    def _session(self, conn, lines):
+        if not self._answer(conn, "greeting", b"220 trickler.test ESMTP\r\n"):
+            return
+        while line := lines.readline():
+            verb = line.split()[0].decode().upper() if line.split() else ""
+            self.verbs.append(verb)
+            if verb == "QUIT":
+                conn.sendall(b"221 Bye\r\n")
+                return
+            reply = {"EHLO": self.EHLO, "DATA": b"354 Go ahead\r\n"}.get(
+                verb, b"250 OK\r\n"
+            )
+            if not self._answer(conn, verb, reply):
+                return
+            if verb == "DATA" and not self._data(conn, lines):
+                return
+
+    def _data(self, conn, lines):
+        data = []
+        end = time.monotonic() + self.limit
+        while time.monotonic() < end and not self._stop.is_set():
+            if self.stage == "reading":
+                time.sleep(self.every)
+                data.append(lines.read1(self.read_size))
+                if not data[-1]:
+                    return False
+                if not b"".join(data[-2:]).endswith(b"\r\n.\r\n"):
+                    continue
+            else:
+                data.append(lines.readline())
+                if data[-1] != b".\r\n":
+                    if not data[-1]:
+                        return False
+                    continue
+            self.messages.append(b"".join(data))
+            return self._answer(conn, ".", b"250 2.0.0 Queued\r\n")
+        return False
+
+
+def _sends_until_timeout(mailer, message_bytes=None):
+    started = time.monotonic()
+    with pytest.raises(MailTimeoutError) as info:
+        mailer.send(SENDER, TO, message_bytes or message())
+    return time.monotonic() - started, info.value
+
+
+@pytest.mark.parametrize("stage", ["greeting", "EHLO", "MAIL", "RCPT", "DATA", "."])
+def test_a_reply_trickled_forever_times_out(stage):
+    with Trickler(stage) as server:
+        mailer = SMTPMailer(server.host, server.port, timeout=1)
+        elapsed, error = _sends_until_timeout(mailer)
+        assert elapsed < 8, elapsed  # the timeout was 1 s: not held
+        assert f"{server.host}:{server.port}" in str(error)
+        assert error.permanent is False
+        mailer.close()
+
+
+def test_data_is_given_a_deadline_proportional_to_its_size():
+    from mailoutbox._smtp import DATA_BYTES_PER_TIMEOUT
+    from mailoutbox._smtp import Connection
+
+    class Probe(Connection):
+        def __init__(self, seconds):  # no connection: only the arithmetic
+            self.seconds = seconds
+
+    assert Probe(10).data_seconds(1000) == 10  # the floor: the timeout
+    assert Probe(10).data_seconds(DATA_BYTES_PER_TIMEOUT * 8) == 80
+    assert Probe(None).data_seconds(10**9) is None
+    assert DATA_BYTES_PER_TIMEOUT == 256 * 1024  # as the docs say
+
+
+def test_a_server_reading_the_data_very_slowly_times_out_over_tls(certificates):
+    # An SSL socket's sendall() waits up to the timeout for each write: a
+    # server reading a little now and then held the sender indefinitely.
+    body = b"x" * 76 + b"\n"
+    big = message(body=body * 3000)  # about 230 KB: the deadline is the timeout
+    with Trickler(
+        "reading", every=0.1, tls_context=certificates.server_context()
+    ) as server:
+        mailer = SMTPMailer(
+            server.host, server.port, timeout=1, implicit_tls=True,
+            ca_file=certificates.ca_file,
+        )
+        elapsed, _error = _sends_until_timeout(mailer, big)
+        assert elapsed < 8, elapsed
+        assert server.messages == []
+        mailer.close()
+
+
+@pytest.mark.slow
+def test_a_big_message_gets_more_time_than_the_timeout():
+    # 4 MiB read at about 2 MB/s: longer than the timeout of 0.5 s (which
+    # was the limit for all of the data), well within the 8 s it now gets.
+    body = b"y" * 1023 + b"\n"
+    big = message(body=body * 4096)
+    with Trickler(
+        "reading", every=0.03, read_size=64 * 1024, buffer=64 * 1024
+    ) as server:
+        mailer = SMTPMailer(server.host, server.port, timeout=0.5)
+        assert mailer.send(SENDER, TO, big) == {}
+        assert len(server.messages) == 1
+        mailer.close()
+
+
+@pytest.mark.slow
+def test_a_processor_pass_against_a_trickling_server_defers_and_stops(tmp_path):
+    from mailoutbox.maildir import Maildir
+    from mailoutbox.queue import QueueProcessorThread
+    from mailoutbox.retry import RetryPolicy
+
+    from ._crash_helpers import claims
+    from ._crash_helpers import queue_messages
+
+    path = str(tmp_path / "queue")
+    queue_messages(path, 1)
+    maildir = Maildir(path)
+    with Trickler("greeting", limit=60) as server:
+        processor = QueueProcessorThread(
+            interval=60, concurrency=1, retry=RetryPolicy(initial=600)
+        )
+        processor.setMailer(SMTPMailer(server.host, server.port, timeout=2))
+        processor.setQueuePath(path)
+        started = time.monotonic()
+        processor.start()
+        try:
+            state = None
+            while state is None and time.monotonic() - started < 20:
+                time.sleep(0.1)
+                (entry,) = maildir.scan().entries
+                state = maildir.retry_state(entry)
+            assert state is not None, "not deferred within 10 times the timeout"
+            assert state["attempts"] == 1
+            assert "timed out" in state["error"]
+            assert f"{server.host}:{server.port}" in state["error"]
+        finally:
+            processor.stop(timeout=10)
+        assert not processor.is_alive()
+        assert claims(path) == []

@@ -158,9 +158,11 @@ class Connection(smtplib.SMTP):
     *timeout* bounds each blocking step as a whole, not each read or write
     of the socket: connecting, each reply (however slowly its lines
     come), each command sent, and the TLS handshake.  The message data
-    gets the timeout once for every :data:`DATA_BYTES_PER_TIMEOUT` bytes,
-    and at least once.  ``None`` means the socket module's default timeout
-    (none, unless it was set).
+    must be sent within the timeout once for every
+    :data:`DATA_BYTES_PER_TIMEOUT` bytes (at least once), and the reply to
+    it must come within the timeout after that time at the latest.
+    ``None`` means the socket module's default timeout (none, unless it
+    was set).
     """
 
     def __init__(
@@ -191,13 +193,16 @@ class Connection(smtplib.SMTP):
             raise
         return sock
 
-    def getreply(self) -> tuple[int, bytes]:
-        """smtplib's, with a deadline for the whole reply."""
+    def getreply(self, extra: float = 0.0) -> tuple[int, bytes]:
+        """smtplib's, with a deadline for the whole reply: the timeout,
+        plus *extra* seconds."""
         if self.sock is None:
             raise smtplib.SMTPServerDisconnected("not connected")
         if self.file is None:  # a new connection, or TLS just began
             self.file = _Reader(self.sock)
-        self.file.deadline = _deadline(self.seconds)
+        self.file.deadline = _deadline(
+            None if self.seconds is None else self.seconds + extra
+        )
         try:
             return super().getreply()
         finally:
@@ -233,8 +238,8 @@ class Connection(smtplib.SMTP):
             return None
         return self.seconds * max(1.0, size / DATA_BYTES_PER_TIMEOUT)
 
-    def _reply(self) -> tuple[int, bytes]:
-        code, text = self.getreply()
+    def _reply(self, extra: float = 0.0) -> tuple[int, bytes]:
+        code, text = self.getreply(extra)
         if code == 421:  # the server is closing the connection
             self.close()
             raise smtplib.SMTPResponseException(code, text)
@@ -327,8 +332,13 @@ class Connection(smtplib.SMTP):
         if code != 354:
             raise smtplib.SMTPDataError(code, text)
         self.stage = "data"
-        self.send_within(data, self.data_seconds(len(data)))
-        code, text = self._reply()
+        # The server may still be reading what the kernel buffered: the
+        # reply gets the timeout plus the time the data did not use.
+        allowed = self.data_seconds(len(data))
+        started = time.monotonic()
+        self.send_within(data, allowed)
+        unused = 0.0 if allowed is None else started + allowed - time.monotonic()
+        code, text = self._reply(max(0.0, unused))
         if code // 100 != 2:
             raise smtplib.SMTPDataError(code, text)
         self.dirty = False
