@@ -287,3 +287,104 @@ def test_a_processor_pass_against_a_trickling_server_defers_and_stops(tmp_path):
             processor.stop(timeout=10)
         assert not processor.is_alive()
         assert claims(path) == []
+
+
+# -- configuration refusals -------------------------------------------------
+
+
+def test_starttls_required_by_the_server_is_a_configuration_error(certificates):
+    with SMTPServer(
+        tls_context=certificates.server_context(), require_starttls=True
+    ) as server:
+        mailer = SMTPMailer(server.host, server.port, no_tls=True, timeout=5)
+        with pytest.raises(MailTLSError) as info:
+            mailer.send(SENDER, TO, message())
+        error = info.value
+        assert error.permanent is False
+        assert error.code == 530
+        assert str(error).startswith(
+            f"{server.host}:{server.port} requires TLS; check the TLS settings"
+        )
+        assert server.messages == []
+        mailer.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "reply", "kind", "words"),
+    [
+        ("MAIL", "530 5.7.0 Authentication required", MailAuthenticationError,
+         "requires authentication"),
+        ("RCPT", "530 5.7.0 Authentication required", MailAuthenticationError,
+         "requires authentication"),
+        ("MAIL", "535 5.7.8 Authentication credentials invalid",
+         MailAuthenticationError, "authentication failed at"),
+        ("MAIL", "534 5.7.9 Authentication mechanism is too weak",
+         MailAuthenticationError, "too weak"),
+        ("MAIL", "550 5.7.57 Client not authenticated to send mail",
+         MailAuthenticationError, "requires authentication"),
+        ("RCPT", "530 5.7.0 Must issue a STARTTLS command first", MailTLSError,
+         "requires TLS"),
+        ("MAIL", "538 5.7.11 Encryption required for requested authentication"
+         " mechanism", MailTLSError, "requires TLS"),
+        ("DATA", "530 5.7.0 Must issue a STARTTLS command first", MailTLSError,
+         "requires TLS"),
+    ],
+)
+def test_configuration_refusals_are_transient_and_name_the_server(
+    smtp_server, command, reply, kind, words
+):
+    smtp_server.reply(command, reply)
+    mailer = SMTPMailer(smtp_server.host, smtp_server.port, timeout=5)
+    with pytest.raises(MailConfigurationError) as info:
+        mailer.send(SENDER, TO, message())
+    error = info.value
+    assert type(error) is kind
+    assert error.permanent is False
+    assert error.code == int(reply[:3])
+    assert f"{smtp_server.host}:{smtp_server.port}" in str(error)
+    assert words in str(error)
+    assert reply in str(error)
+    mailer.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        ("RCPT", "550 5.7.1 relaying denied"),
+        ("MAIL", "554 5.7.1 Relay access denied"),
+        ("DATA", "550 5.7.1 Message rejected as spam"),
+        ("RCPT", "553 5.7.0 Sender address rejected"),
+    ],
+)
+def test_policy_refusals_stay_permanent(smtp_server, command, reply):
+    smtp_server.reply(command, reply)
+    mailer = SMTPMailer(smtp_server.host, smtp_server.port, timeout=5)
+    with pytest.raises(errors.MailError) as info:
+        mailer.send(SENDER, TO, message())
+    assert not isinstance(info.value, MailConfigurationError)
+    assert info.value.permanent is True
+    mailer.close()
+
+
+def test_a_processor_keeps_messages_a_relay_refuses_without_tls(
+    certificates, tmp_path
+):
+    from mailoutbox.maildir import Maildir
+    from mailoutbox.queue import QueueProcessorThread
+
+    from ._crash_helpers import queue_messages
+
+    path = str(tmp_path / "queue")
+    queue_messages(path, 1)
+    with SMTPServer(
+        tls_context=certificates.server_context(), require_starttls=True
+    ) as server:
+        processor = QueueProcessorThread(concurrency=1)
+        processor.setMailer(SMTPMailer(server.host, server.port, no_tls=True))
+        processor.setQueuePath(path)
+        stats = processor.process_queue()
+        processor.stop(timeout=10)
+    assert (stats.sent, stats.deferred, stats.failed) == (0, 1, 0)
+    maildir = Maildir(path)
+    (entry,) = maildir.scan().entries
+    assert "requires TLS" in maildir.retry_state(entry)["error"]

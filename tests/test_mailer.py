@@ -1206,7 +1206,10 @@ def test_starttls_failing_in_the_handshake(make_mailer, force_tls):
     }
     with ScriptedServer(script) as server:
         mailer = make_mailer(server, force_tls=force_tls)
-        with pytest.raises(MailTLSError):
+        with pytest.raises(
+            MailTLSError,
+            match=f"^TLS handshake with 127.0.0.1:{server.port} after STARTTLS failed",
+        ):
             mailer.send(SENDER, TO, MESSAGE)
         assert [line.split()[0].upper() for line in server.lines] == [
             "EHLO",
