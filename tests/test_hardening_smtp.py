@@ -388,3 +388,151 @@ def test_a_processor_keeps_messages_a_relay_refuses_without_tls(
     maildir = Maildir(path)
     (entry,) = maildir.scan().entries
     assert "requires TLS" in maildir.retry_state(entry)["error"]
+
+
+# -- one mailer shared by threads ---------------------------------------------
+
+
+def test_close_while_threads_send_loses_and_corrupts_nothing():
+    senders, each = 4, 12
+    with SMTPServer(pipelining=True) as server:
+        mailer = SMTPMailer(server.host, server.port, timeout=10)
+        failures: list[BaseException] = []
+        done = threading.Event()
+
+        def send_some(first):
+            try:
+                for number in range(first, first + each):
+                    mailer.send(SENDER, TO, message(number, b"Body %d.\n" % number))
+            except BaseException as exc:
+                failures.append(exc)
+
+        def close_often():
+            while not done.is_set():
+                mailer.close()
+                time.sleep(0.001)
+
+        closer = threading.Thread(target=close_often)
+        threads = [
+            threading.Thread(target=send_some, args=(i * each,))
+            for i in range(senders)
+        ]
+        closer.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        done.set()
+        closer.join(10)
+        mailer.close()
+        assert failures == []
+        received = {}
+        for got in server.messages:
+            number = int(got.message_id[1:].split("@")[0])
+            assert number not in received, f"message {number} arrived twice"
+            received[number] = got.data
+        assert sorted(received) == list(range(senders * each))
+        for number, data in received.items():
+            assert b"quit" not in data.lower()
+            expected = message(number, b"Body %d.\n" % number)
+            assert data.replace(b"\r\n", b"\n") == expected
+
+
+def test_close_during_a_transaction_lets_its_thread_finish_then_quit():
+    with SMTPServer() as server:
+        server.slow(0.5)  # before answering MAIL and the end of the data
+        mailer = SMTPMailer(server.host, server.port, timeout=10)
+        results = []
+        sender = threading.Thread(
+            target=lambda: results.append(mailer.send(SENDER, TO, message()))
+        )
+        sender.start()
+        for _ in range(500):
+            if "MAIL" in server.commands:
+                break
+            time.sleep(0.01)
+        mailer.close()  # the connection is busy: marked, not touched
+        assert "QUIT" not in server.commands
+        sender.join(10)
+        assert results == [{}]
+        assert len(server.messages) == 1
+        assert server.commands[-1] == "QUIT"  # said by the sender, when done
+        assert mailer._pool.owners == {}
+        server.slow(0)
+        mailer.send(SENDER, TO, message(2))  # a new connection
+        assert server.connections == 2
+        mailer.close()
+
+
+def test_a_connection_closed_by_another_thread_is_replaced():
+    with SMTPServer() as server:
+        mailer = SMTPMailer(server.host, server.port, timeout=10)
+        mailer.vote(SENDER, TO, message())
+        closer = threading.Thread(target=mailer.close)
+        closer.start()
+        closer.join(10)
+        assert server.commands.count("QUIT") == 1
+        mailer.send(SENDER, TO, message())
+        assert server.connections == 2
+        mailer.abort()  # QUITs the new connection
+        assert server.commands.count("QUIT") == 2
+        mailer.abort()  # nothing left
+        assert len(server.messages) == 1
+
+
+# -- a mailer dropped without close() ------------------------------------------
+
+
+def test_a_dropped_mailer_says_quit_and_leaves_no_socket_open():
+    import gc
+    import warnings
+    import weakref
+
+    with SMTPServer() as server:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mailer = SMTPMailer(server.host, server.port, timeout=10)
+            mailer.send(SENDER, TO, message())
+            alive = weakref.ref(mailer)
+            del mailer
+            gc.collect()
+        assert alive() is None  # the finalizer does not keep it alive
+        assert server.commands[-1] == "QUIT"
+        resource = [w for w in caught if issubclass(w.category, ResourceWarning)]
+        assert resource == []
+
+
+def test_connections_left_open_get_quit_at_interpreter_exit():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from mailoutbox.mailer import SMTPMailer\n"
+        "mailer = SMTPMailer('127.0.0.1', int(sys.argv[1]), timeout=10)\n"
+        "mailer.send('s@example.org', ['r@example.org'], b'Subject: x\\n\\nx\\n')\n"
+        "sys.modules['__main__'].keep = mailer  # alive until the very end\n"
+    )
+    with SMTPServer() as server:
+        process = subprocess.run(
+            [sys.executable, "-W", "error::ResourceWarning", "-c", script,
+             str(server.port)],
+            capture_output=True, timeout=60, check=False,
+            env={**__import__("os").environ, "PYTHONPATH": _src_path()},
+        )
+        assert process.returncode == 0, process.stderr
+        assert b"ResourceWarning" not in process.stderr
+        assert len(server.messages) == 1
+        for _ in range(100):
+            if "QUIT" in server.commands:
+                break
+            time.sleep(0.05)
+        assert server.commands[-1] == "QUIT"
+
+
+def _src_path():
+    import os
+
+    import mailoutbox
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(mailoutbox.__file__)))
