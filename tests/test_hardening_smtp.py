@@ -9,6 +9,7 @@ read very slowly).
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import ssl
 import threading
@@ -536,3 +537,168 @@ def _src_path():
     import mailoutbox
 
     return os.path.dirname(os.path.dirname(os.path.abspath(mailoutbox.__file__)))
+
+
+# -- errors name the server --------------------------------------------------
+
+
+def test_a_refused_connection_names_the_server():
+    from .smtpsink import free_port
+
+    port = free_port()
+    mailer = SMTPMailer("127.0.0.1", port, timeout=5)
+    with pytest.raises(errors.MailConnectionRefusedError) as info:
+        mailer.send(SENDER, TO, message())
+    assert str(info.value) == f"connection refused by 127.0.0.1:{port}"
+    assert isinstance(info.value, ConnectionRefusedError)  # as zope.sendmail's
+    assert isinstance(info.value, errors.MailConnectionError)
+    assert info.value.permanent is False
+    with pytest.raises(ConnectionRefusedError):
+        mailer.vote(SENDER, TO, message())
+
+
+def test_implicit_tls_against_a_plain_server_hints_at_the_setting(smtp_server):
+    mailer = SMTPMailer(
+        smtp_server.host, smtp_server.port, implicit_tls=True, timeout=5
+    )
+    with pytest.raises(MailTLSError) as info:
+        mailer.send(SENDER, TO, message())
+    text = str(info.value)
+    assert text.startswith(
+        f"TLS handshake with {smtp_server.host}:{smtp_server.port} failed"
+    )
+    assert "implicit_tls" in text
+    assert smtp_server.messages == []
+
+
+def test_an_unverified_certificate_names_the_server(certificates):
+    with SMTPServer(
+        tls_context=certificates.server_context(), implicit_tls=True
+    ) as server:
+        mailer = SMTPMailer(server.host, server.port, implicit_tls=True, timeout=5)
+        with pytest.raises(MailTLSError) as info:
+            mailer.send(SENDER, TO, message())
+        assert str(info.value).startswith(
+            f"the TLS certificate of {server.host}:{server.port} could not be"
+            " verified"
+        )
+        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+
+
+def test_other_failures_name_the_server():
+    import smtplib
+
+    server = "relay.example.org:587"
+    cases = {
+        OSError(113, "No route to host"):
+            "connection to relay.example.org:587 failed: [Errno 113] No route to host",
+        TimeoutError("timed out"): "timed out waiting for relay.example.org:587",
+        ssl.SSLError(1, "bad record"): "TLS failure with relay.example.org:587",
+        smtplib.SMTPServerDisconnected("gone"):
+            "connection closed by relay.example.org:587: gone",
+        smtplib.SMTPConnectError(554, b"no service"):
+            "connection refused by relay.example.org:587: 554 no service",
+    }
+    for exc, text in cases.items():
+        error = errors.classify(exc, server)
+        assert str(error).startswith(text), (exc, str(error))
+        assert error.permanent is False
+
+
+# -- zope.sendmail compatibility of errors -------------------------------------
+
+
+def test_tls_not_available_is_a_runtime_error(smtp_server):
+    mailer = SMTPMailer(smtp_server.host, smtp_server.port, force_tls=True)
+    with pytest.raises(RuntimeError) as info:
+        mailer.send(SENDER, TO, message())
+    assert isinstance(info.value, errors.MailTLSUnavailableError)
+    assert isinstance(info.value, MailTLSError)
+    assert info.value.permanent is False
+
+
+def test_username_without_auth_is_a_runtime_error(smtp_server):
+    mailer = SMTPMailer(
+        smtp_server.host, smtp_server.port, username="alice", password="pw"
+    )
+    with pytest.raises(RuntimeError) as info:
+        mailer.send(SENDER, TO, message())
+    assert isinstance(info.value, errors.MailAuthenticationUnavailableError)
+    assert isinstance(info.value, MailAuthenticationError)
+    assert "pw" not in str(info.value)
+
+
+def test_helo_refused_is_a_runtime_error(smtp_server):
+    smtp_server.reply("EHLO", "502 5.5.2 Not here")
+    smtp_server.reply("HELO", "502 5.5.2 Not here either")
+    mailer = SMTPMailer(smtp_server.host, smtp_server.port)
+    with pytest.raises(RuntimeError) as info:
+        mailer.send(SENDER, TO, message())
+    error = info.value
+    assert isinstance(error, errors.MailHeloError)
+    assert isinstance(error, errors.MailConnectionError)
+    assert error.permanent is False and error.code == 502
+    assert str(error).startswith(
+        f"HELO/EHLO refused by {smtp_server.host}:{smtp_server.port}: 502"
+    )
+
+
+def test_refused_recipients_are_smtplibs_too(smtp_server):
+    import smtplib
+
+    smtp_server.refuse("jane@example.org", "550 5.1.1 No such user")
+    smtp_server.refuse("joe@example.org", "450 4.2.0 Mailbox busy")
+    mailer = SMTPMailer(smtp_server.host, smtp_server.port)
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        mailer.send(SENDER, ["jane@example.org", "joe@example.org"], message())
+    error = info.value
+    assert isinstance(error, errors.RecipientsRefused)
+    assert error.recipients == {
+        "jane@example.org": (550, b"5.1.1 No such user"),
+        "joe@example.org": (450, b"4.2.0 Mailbox busy"),
+    }
+    assert error.refused == {
+        "jane@example.org": (550, "5.1.1 No such user"),
+        "joe@example.org": (450, "4.2.0 Mailbox busy"),
+    }
+    assert error.permanent is False  # one refusal was temporary
+    assert str(error).startswith("all recipients refused (")
+    mailer.close()
+
+
+def test_a_subclass_setting_zope_sendmails_smtp_factory_is_refused():
+    import smtplib
+
+    with pytest.raises(TypeError, match="connection_class"):
+
+        class Legacy(SMTPMailer):
+            smtp = smtplib.SMTP
+
+    class Modern(SMTPMailer):  # connection_class is the seam
+        pass
+
+    assert Modern().port == 25
+
+
+# -- numbers checked at construction -------------------------------------------
+
+
+@pytest.mark.parametrize("port", [70000, 0, -25, "abc", 25.5, True, None, ""])
+def test_a_bad_port_is_refused_at_construction(port):
+    with pytest.raises(ValueError, match="port must be a whole number from 1 to"):
+        SMTPMailer("localhost", port)
+
+
+@pytest.mark.parametrize(
+    "timeout", [-1, 0, 0.0, math.nan, math.inf, "10", True]
+)
+def test_a_bad_timeout_is_refused_at_construction(timeout):
+    with pytest.raises(ValueError, match="timeout must be a positive, finite"):
+        SMTPMailer("localhost", 25, timeout=timeout)
+
+
+def test_good_numbers_are_kept():
+    mailer = SMTPMailer("localhost", "2525", timeout=3)
+    assert (mailer.port, mailer.timeout) == (2525, 3.0)
+    assert SMTPMailer(timeout=None).timeout is None
+    assert SMTPMailer(port=65535).port == 65535
