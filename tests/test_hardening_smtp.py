@@ -18,6 +18,7 @@ import time
 import pytest
 
 from mailoutbox import errors
+from mailoutbox._smtp import Connection
 from mailoutbox.errors import MailAuthenticationError
 from mailoutbox.errors import MailConfigurationError
 from mailoutbox.errors import MailTimeoutError
@@ -209,7 +210,6 @@ def test_a_reply_trickled_forever_times_out(stage):
 
 def test_data_is_given_a_deadline_proportional_to_its_size():
     from mailoutbox._smtp import DATA_BYTES_PER_TIMEOUT
-    from mailoutbox._smtp import Connection
 
     class Probe(Connection):
         def __init__(self, seconds):  # no connection: only the arithmetic
@@ -219,6 +219,16 @@ def test_data_is_given_a_deadline_proportional_to_its_size():
     assert Probe(10).data_seconds(DATA_BYTES_PER_TIMEOUT * 8) == 80
     assert Probe(None).data_seconds(10**9) is None
     assert DATA_BYTES_PER_TIMEOUT == 256 * 1024  # as the docs say
+
+
+class SmallBuffers(Connection):
+    """A session whose socket buffers little, so that a slow reader
+    holds up the sending."""
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return sock
 
 
 def test_a_server_reading_the_data_very_slowly_times_out_over_tls(certificates):
@@ -233,10 +243,29 @@ def test_a_server_reading_the_data_very_slowly_times_out_over_tls(certificates):
             server.host, server.port, timeout=1, implicit_tls=True,
             ca_file=certificates.ca_file,
         )
-        elapsed, _error = _sends_until_timeout(mailer, big)
+        mailer.connection_class = SmallBuffers
+        elapsed, error = _sends_until_timeout(mailer, big)
+        assert "write operation timed out" in str(error)
         assert elapsed < 8, elapsed
         assert server.messages == []
         mailer.close()
+
+
+def test_a_session_checks_its_deadline_and_its_socket():
+    import smtplib
+
+    from mailoutbox._smtp import _remaining
+
+    with pytest.raises(TimeoutError, match="the reply did not complete in time"):
+        _remaining(time.monotonic() - 0.001, "the reply")
+    assert _remaining(None, "the reply") is None
+    with SMTPServer() as server:
+        session = Connection(server.host, server.port, local_hostname="x", timeout=5)
+        session.quit()
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            session.getreply()
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            session.send_within(b"NOOP\r\n", 5)
 
 
 @pytest.mark.slow

@@ -340,9 +340,6 @@ class SMTPMailer:
             # Closed by close() in another thread: that thread QUITs it.
             self._local.connection = None
             return None
-        if connection.sock is None:
-            self._forget(connection)
-            return None
         return connection
 
     def _release(self) -> None:
