@@ -703,10 +703,15 @@ def test_a_subclass_setting_zope_sendmails_smtp_factory_is_refused():
         class Legacy(SMTPMailer):
             smtp = smtplib.SMTP
 
-    class Modern(SMTPMailer):  # connection_class is the seam
-        pass
+    mailer = SMTPMailer()
+    with pytest.raises(TypeError, match="connection_class"):
+        mailer.smtp = smtplib.SMTP  # as zope.sendmail's tests do
+    assert not hasattr(mailer, "smtp")
 
-    assert Modern().port == 25
+    class Modern(SMTPMailer):  # connection_class is the seam
+        connection_class = SmallBuffers
+
+    assert Modern().connection_class is SmallBuffers
 
 
 # -- numbers checked at construction -------------------------------------------

@@ -7,6 +7,31 @@ message will never be accepted as it is (5xx replies, every recipient refused
 permanently).  :func:`classify` turns any exception raised while talking to a
 server into one of them; the queue processor retries the transient ones and
 fails the permanent ones, and nothing else makes that decision.
+
+The transient errors::
+
+    TransientMailError
+        MailConnectionError (ConnectionError)
+            MailConnectionRefusedError (ConnectionRefusedError)
+            MailHeloError (RuntimeError)
+        MailTimeoutError (TimeoutError)
+        MailConfigurationError
+            MailTLSError
+                MailTLSUnavailableError (RuntimeError)
+            MailAuthenticationError
+                MailAuthenticationUnavailableError (RuntimeError)
+
+A :class:`MailConfigurationError` is a disagreement between the sender's
+settings and the server (TLS, authentication) that no retry cures by
+itself: the queue processor logs it as an error, and keeps the messages
+until it is fixed or they expire.  :class:`RecipientsRefused` is transient
+or permanent depending on the replies.
+
+The built-in classes in parentheses are those zope.sendmail raised or let
+through in the same cases (its ``RuntimeError`` for "TLS not available", a
+username without ESMTP and a refused HELO; smtplib's
+:class:`~smtplib.SMTPRecipientsRefused`, which :class:`RecipientsRefused`
+also is): code that catches them keeps working.
 """
 from __future__ import annotations
 

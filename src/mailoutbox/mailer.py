@@ -188,14 +188,26 @@ class SMTPMailer:
     #: The class of the SMTP sessions (a :class:`smtplib.SMTP` subclass).
     connection_class = Connection
 
+    _NO_SMTP = (
+        "'smtp' is zope.sendmail's SMTP factory, which mailoutbox's SMTPMailer"
+        " does not use: set connection_class to a subclass of its class instead"
+    )
+
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if "smtp" in vars(cls):
-            raise TypeError(
-                f"{cls.__qualname__} sets 'smtp', zope.sendmail's SMTP factory,"
-                " which mailoutbox's SMTPMailer does not use: set"
-                " connection_class to a subclass of its class instead"
-            )
+            raise TypeError(f"{cls.__qualname__} sets {cls._NO_SMTP}")
+
+    @property
+    def smtp(self) -> NoReturn:
+        """Not supported: zope.sendmail's seam for its SMTP factory.
+        Setting it, on a subclass or an instance, raises :class:`TypeError`;
+        :attr:`connection_class` is the seam of this mailer."""
+        raise AttributeError(self._NO_SMTP)
+
+    @smtp.setter
+    def smtp(self, factory: object) -> None:
+        raise TypeError(f"cannot set {self._NO_SMTP}")
 
     def __init__(
         self,
