@@ -235,7 +235,7 @@ _EXIT_NAMES = {
 _SMTP_WHAT = {
     smtplib.SMTPConnectError: "connection refused by {server}",
     smtplib.SMTPHeloError: "HELO/EHLO refused by {server}",
-    smtplib.SMTPAuthenticationError: "authentication failed",
+    smtplib.SMTPAuthenticationError: "authentication failed at {server}",
     smtplib.SMTPDataError: "message refused",
 }
 
