@@ -79,7 +79,7 @@ def _reraise(exc: Exception, server: str | None = None) -> NoReturn:
 
 
 def _port(port: object) -> int:
-    if isinstance(port, str) and port.strip().isdigit():
+    if isinstance(port, str) and port.strip().isdecimal():
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"port must be a whole number from 1 to 65535, not {port!r}")
