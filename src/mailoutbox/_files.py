@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from typing import Any
 
 __all__ = [
@@ -74,12 +75,25 @@ def write_json_atomically(tmp_dir: str, path: str, data: dict[str, Any],
 
 def read_json(path: str) -> dict[str, Any] | None:
     """The JSON object in *path*: None if there is no file, ``{}`` if it is
-    not a JSON object."""
+    not a JSON object or not a regular file.
+
+    A symbolic link is not followed and a fifo is not waited on: the file
+    is opened with ``O_NOFOLLOW | O_NONBLOCK`` and read only if it is a
+    regular file, so that nothing put in a state file's place can make a
+    reader hang or read another file.
+    """
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read() or b"{}")
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
     except FileNotFoundError:
         return None
-    except ValueError:
+    except OSError:  # a symbolic link (ELOOP), or not readable
         return {}
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return {}  # a fifo, a directory, a device
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = json.loads(f.read() or b"{}")
+        except ValueError:
+            return {}
     return data if isinstance(data, dict) else {}
