@@ -23,6 +23,7 @@ __all__ = [
     "is_folder",
     "read_json",
     "unlink",
+    "write_atomically",
     "write_json_atomically",
 ]
 
@@ -56,21 +57,36 @@ def is_folder(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path)
 
 
-def write_json_atomically(tmp_dir: str, path: str, data: dict[str, Any],
-                          mtime: float | None = None) -> None:
-    """Replace *path* with *data* as JSON, written in *tmp_dir* first; with
-    *mtime*, the new file's modification time."""
-    temp = os.path.join(tmp_dir, ".state-" + secrets.token_hex(8))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+def write_atomically(tmp_dir: str, path: str, data: bytes, *,
+                     mtime: float | None = None, fsync: bool = False,
+                     prefix: str = ".state-") -> None:
+    """Replace *path* with a file holding *data*, written in *tmp_dir*
+    first (mode 0600) and renamed over *path*; with *fsync*, the file's
+    contents are on disk before the rename; with *mtime*, the new file's
+    modification time."""
+    temp = os.path.join(tmp_dir, prefix + secrets.token_hex(8))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW,
+                 FILE_MODE)
     try:
         with open(fd, "wb") as f:  # writes all of it (os.write may not)
-            f.write(json.dumps(data, sort_keys=True).encode())
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(fd)
         if mtime is not None:
             os.utime(temp, (mtime, mtime))
         os.replace(temp, path)
     except BaseException:
         unlink(temp)  # e.g. the disk is full: leave nothing behind
         raise
+
+
+def write_json_atomically(tmp_dir: str, path: str, data: dict[str, Any],
+                          mtime: float | None = None) -> None:
+    """Replace *path* with *data* as JSON, written in *tmp_dir* first; with
+    *mtime*, the new file's modification time."""
+    write_atomically(tmp_dir, path, json.dumps(data, sort_keys=True).encode(),
+                     mtime=mtime)
 
 
 def read_json(path: str) -> dict[str, Any] | None:
