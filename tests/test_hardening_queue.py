@@ -9,6 +9,8 @@ processor draining what mailoutbox left in the queue.
 """
 from __future__ import annotations
 
+import contextlib
+import encodings.idna  # noqa: F401 - imported before dropping root (see as_nobody)
 import os
 import subprocess
 import sys
@@ -521,3 +523,137 @@ def test_a_direct_send_reports_recipients_refused_for_now(smtp_server, events):
     assert error.refused == {GREY: (451, "4.7.1 Greylisted, try again later")}
     assert error.code == 451 and GREY in error.errorMessage
     assert [r[0] for r in received(smtp_server)] == [[GOOD]]
+
+
+# -- 3. queue files this processor may not claim ---------------------------------
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="needs root, to make a file that an unprivileged processor cannot claim")
+
+
+@pytest.fixture
+def nobodys_queue():
+    """A queue owned by ``nobody`` (outside pytest's private tmp folder)
+    holding a message of nobody's and one written by root, mode 0600."""
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="mailoutbox-nobody-")
+    path = os.path.join(top, "queue")
+    ids = queue_messages(path, 2)
+    maildir = Maildir(path)
+    _mine, roots = maildir.scan().entries
+    for folder, dirs, files in os.walk(top):
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(folder, name), NOBODY, NOBODY)
+    os.chown(top, NOBODY, NOBODY)
+    os.chown(roots.path, 0, 0)
+    os.chmod(roots.path, 0o600)
+    yield path, ids, roots
+    shutil.rmtree(top)
+
+
+@contextlib.contextmanager
+def as_nobody():
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@needs_root
+def test_a_file_of_another_user_goes_to_failed_with_the_reason(
+        nobodys_queue, smtp_server, events, caplog):
+    path, ids, roots = nobodys_queue
+    processor = make_processor(path, smtp_server.port)
+    with as_nobody():
+        stats = processor.process_queue()
+        again = processor.process_queue()
+        processor.stop(timeout=10)
+    assert (stats.sent, stats.failed, stats.skipped) == (1, 1, 0)
+    assert again.total == 0  # nothing left to trip over
+    assert smtp_server.message_ids() == ids[:1]
+    maildir = Maildir(path)
+    [failed] = maildir.failed_entries()
+    assert failed.name == roots.name
+    reason = maildir.reason(failed)
+    assert reason["error"].startswith("cannot be claimed: Permission denied")
+    assert "uid 0, mode 0600" in reason["error"]
+    assert f"runs as uid {NOBODY}" in reason["error"]
+    [event] = [e for e in events if getattr(e, "permanent", False)]
+    assert event.messageId == roots.name
+    assert "unexpected" not in caplog.text
+    # Given to the queue's owner and retried, it is sent.
+    os.chown(failed.path, NOBODY, NOBODY)
+    maildir.requeue(failed)
+    processor = make_processor(path, smtp_server.port)
+    with as_nobody():
+        assert processor.process_queue().sent == 1
+        processor.stop(timeout=10)
+    assert smtp_server.message_ids() == ids
+
+
+@needs_root
+def test_a_file_that_can_be_neither_claimed_nor_moved_is_one_line_a_pass(
+        nobodys_queue, smtp_server, caplog):
+    path, ids, roots = nobodys_queue
+    new = os.path.dirname(roots.path)
+    os.rename(roots.path, os.path.join(path, "cur", roots.name))
+    os.chown(os.path.join(path, "cur"), 0, 0)  # nobody may read, not write
+    os.chmod(os.path.join(path, "cur"), 0o755)  # noqa: S103 - on purpose
+    processor = make_processor(path, smtp_server.port)
+    with as_nobody():
+        first = processor.process_queue()
+        second = processor.process_queue()
+        processor.stop(timeout=10)
+    assert (first.sent, first.failed, first.skipped) == (1, 0, 1)
+    assert (second.sent, second.failed, second.skipped) == (0, 0, 1)
+    lines = [r for r in caplog.records if r.name == "mailoutbox.queue"
+             and r.levelname == "ERROR"]
+    assert len(lines) == 2
+    assert "nor move it to the failed area" in lines[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+    assert Maildir(path).failed_entries() == []
+    assert os.listdir(os.path.join(path, "failed")) == []
+    assert os.listdir(new) == []
+    assert smtp_server.message_ids() == ids[:1]
+
+
+@needs_root
+def test_a_processor_process_running_as_nobody(nobodys_queue, smtp_server):
+    """The same in a child process that drops root for good."""
+    import json
+
+    path, ids, roots = nobodys_queue
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        status = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            child = make_processor(path, smtp_server.port)
+            stats = child.process_queue()
+            child.stop(timeout=10)
+            os.write(write, json.dumps([stats.sent, stats.failed, os.getuid()]
+                                       ).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        result = f.read()
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert json.loads(result) == [1, 1, NOBODY]
+    assert smtp_server.message_ids() == ids[:1]
+    [failed] = Maildir(path).failed_entries()
+    assert failed.name == roots.name
+    assert "cannot be claimed" in Maildir(path).reason(failed)["error"]

@@ -307,7 +307,11 @@ class Maildir:
         self._ensure_failed()
         target = Entry(self.failed, name or entry.name)
         write_json_atomically(self.tmp, target.sidecar(REASON_PREFIX), reason)
-        os.rename(entry.path, target.path)
+        try:
+            os.rename(entry.path, target.path)
+        except PermissionError:  # not ours to move: leave no reason behind
+            unlink(target.sidecar(REASON_PREFIX))
+            raise
         unlink(entry.sidecar(RETRY_PREFIX))
         return target
 

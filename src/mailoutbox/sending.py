@@ -17,6 +17,7 @@ a test replaces them on the processor as before.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -93,7 +94,10 @@ class MessageSender:
         maildir = job.maildir
         if not entry.regular:
             return self._reject_foreign(maildir, entry, job.now())
-        claim = maildir.claim(entry, self.lease)
+        try:
+            claim = maildir.claim(entry, self.lease)
+        except PermissionError as exc:
+            return self._reject_unclaimable(maildir, entry, exc, job.now())
         if claim is None:
             return SKIPPED  # claimed by another processor, or gone
         job.hold(claim)
@@ -300,6 +304,33 @@ class MessageSender:
             maildir.move_to_failed(entry, _reason(entry.name, text, now))
         except FileNotFoundError:
             return SKIPPED  # another processor moved it
+        self.log.error("moved %s to the failed area: %s", entry.name, text)
+        self._notify(MailErrorEvent(entry.name, text, permanent=True))
+        return FAILED
+
+    def _reject_unclaimable(self, maildir: Maildir, entry: Entry,
+                            exc: PermissionError, now: float) -> str:
+        """Move a queue file this processor may not claim (it belongs to
+        another user, e.g. root) to the failed area, unclaimed; if even
+        that is not allowed, say so in one line, each pass."""
+        try:
+            info = os.lstat(entry.path)
+        except FileNotFoundError:
+            return SKIPPED  # sent or moved by someone else meanwhile
+        text = (
+            f"cannot be claimed: {exc.strerror} (the file belongs to uid"
+            f" {info.st_uid}, mode {info.st_mode & 0o7777:04o}; the processor"
+            f" runs as uid {os.geteuid()}): give it to the queue's owner and"
+            " run 'mailoutbox retry'"
+        )
+        try:
+            maildir.move_to_failed(entry, _reason(entry.name, text, now))
+        except FileNotFoundError:
+            return SKIPPED
+        except PermissionError as error:
+            self.log.error("cannot claim %s, nor move it to the failed area (%s):"
+                           " %s", entry.path, error.strerror, text)
+            return SKIPPED
         self.log.error("moved %s to the failed area: %s", entry.name, text)
         self._notify(MailErrorEvent(entry.name, text, permanent=True))
         return FAILED
