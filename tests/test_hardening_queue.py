@@ -657,3 +657,33 @@ def test_a_processor_process_running_as_nobody(nobodys_queue, smtp_server):
     [failed] = Maildir(path).failed_entries()
     assert failed.name == roots.name
     assert "cannot be claimed" in Maildir(path).reason(failed)["error"]
+
+
+@needs_root
+@pytest.mark.parametrize("when", ["before the look", "before the move"])
+def test_an_unclaimable_file_gone_meanwhile_is_skipped(nobodys_queue, smtp_server,
+                                                       events, when):
+    """Another processor (running as root) sent it in between."""
+    path, ids, roots = nobodys_queue
+
+    class Racy(Maildir):
+        def claim(self, entry, lease=30.0):
+            try:
+                return super().claim(entry, lease)
+            except PermissionError:
+                if when == "before the look":
+                    os.unlink(entry.path)
+                raise
+
+        def move_to_failed(self, entry, reason, name=None):
+            os.unlink(entry.path)
+            return super().move_to_failed(entry, reason, name)
+
+    processor = make_processor(path, smtp_server.port)
+    processor.setMaildir(Racy(path))
+    with as_nobody():
+        stats = processor.process_queue()
+        processor.stop(timeout=10)
+    assert (stats.sent, stats.failed, stats.skipped) == (1, 0, 1)
+    assert not os.path.exists(roots.path)
+    assert [e for e in events if getattr(e, "permanent", False)] == []
