@@ -687,3 +687,24 @@ def test_an_unclaimable_file_gone_meanwhile_is_skipped(nobodys_queue, smtp_serve
     assert (stats.sent, stats.failed, stats.skipped) == (1, 0, 1)
     assert not os.path.exists(roots.path)
     assert [e for e in events if getattr(e, "permanent", False)] == []
+
+
+def test_all_refused_some_for_now_past_max_age(queue_path, smtp_server, events):
+    from mailoutbox.retry import RetryPolicy
+
+    smtp_server.greylist(GREY, times=1)
+    smtp_server.refuse(BAD)
+    enqueue(queue_path, [GREY, BAD])
+    processor = make_processor(queue_path, smtp_server.port,
+                               retry=RetryPolicy(max_age=0))
+    try:
+        assert processor.process_queue(now=1000.0).failed == 1
+    finally:
+        processor.stop(timeout=10)
+    [event] = events
+    assert event.permanent and event.deferred == {}
+    assert sorted(event.refused) == [BAD, GREY]
+    [(data, reason)] = failed_parts(queue_path).values()
+    assert data.split(b"\n")[1] == b"X-Zope-To: grey@example.org, bad@example.org"
+    assert reason["error"].startswith("expired after 1 attempts")
+    assert list(Maildir(queue_path).scan().entries) == []

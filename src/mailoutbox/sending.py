@@ -276,7 +276,7 @@ class MessageSender:
                                        deferred=deferred)
         else:
             error = errors.RecipientsRefused(refused)
-            event = MailErrorEvent(message_id, str(error), permanent=False,
+            event = MailErrorEvent(message_id, str(error), permanent=not deferred,
                                    code=error.code, refused=failed,
                                    deferred=deferred)
         self._notify(event)
