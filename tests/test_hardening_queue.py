@@ -664,7 +664,7 @@ def test_a_processor_process_running_as_nobody(nobodys_queue, smtp_server):
 def test_an_unclaimable_file_gone_meanwhile_is_skipped(nobodys_queue, smtp_server,
                                                        events, when):
     """Another processor (running as root) sent it in between."""
-    path, ids, roots = nobodys_queue
+    path, _ids, roots = nobodys_queue
 
     class Racy(Maildir):
         def claim(self, entry, lease=30.0):
@@ -708,3 +708,20 @@ def test_all_refused_some_for_now_past_max_age(queue_path, smtp_server, events):
     assert data.split(b"\n")[1] == b"X-Zope-To: grey@example.org, bad@example.org"
     assert reason["error"].startswith("expired after 1 attempts")
     assert list(Maildir(queue_path).scan().entries) == []
+
+
+def test_a_server_requiring_starttls_is_a_configuration_error(queue_path, caplog):
+    queue_messages(queue_path, 1)
+    with SMTPServer() as server:
+        server.reply("MAIL", "530 5.7.0 Must issue a STARTTLS command first")
+        processor = make_processor(queue_path, server.port)  # no_tls=True
+        try:
+            assert processor.process_queue().deferred == 1
+        finally:
+            processor.stop(timeout=10)
+        assert server.messages == []
+    [record] = [r for r in caplog.records if r.name == "mailoutbox.queue"]
+    assert record.levelname == "ERROR"
+    message = record.getMessage()
+    assert f"configuration problem with 127.0.0.1:{server.port}" in message
+    assert "530" in message

@@ -344,9 +344,7 @@ class MessageSender:
 
 #: The errors that mean the mailer's or the server's configuration is at
 #: fault (TLS, authentication): the messages wait, and an ERROR says so.
-_CONFIGURATION_ERRORS: Any = getattr(
-    errors, "MailConfigurationError",
-    (errors.MailTLSError, errors.MailAuthenticationError))
+_CONFIGURATION_ERRORS = errors.MailConfigurationError
 
 
 def _server(mailer: Any) -> str:
