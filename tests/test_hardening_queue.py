@@ -725,3 +725,29 @@ def test_a_server_requiring_starttls_is_a_configuration_error(queue_path, caplog
     message = record.getMessage()
     assert f"configuration problem with 127.0.0.1:{server.port}" in message
     assert "530" in message
+
+
+@pytest.mark.smtpsink
+def test_smtp_sink_refusing_every_recipient_for_now(queue_path, smtp_sink, events):
+    """Postfix's smtp-sink refuses per command, not per recipient: with
+    452 to every RCPT nobody has the message, so the queue file is kept as
+    it is (not rewritten) and the message deferred whole."""
+    entry = enqueue(queue_path, [GOOD, GREY])
+    before = queue_file(entry)
+    refusing = smtp_sink("-r", "RCPT", "-b", "452 4.5.3 Error: too many recipients")
+    processor = make_processor(queue_path, refusing.port)
+    try:
+        assert processor.process_queue(now=1000.0).deferred == 1
+        assert queue_file(entry) == before
+        assert Maildir(queue_path).failed_entries() == []
+        [event] = events
+        assert not event.permanent and sorted(event.deferred) == [GOOD, GREY]
+        assert event.deferred[GOOD][0] == 452
+        healthy = smtp_sink()
+        processor.setMailer(SMTPMailer("127.0.0.1", healthy.port, no_tls=True,
+                                       timeout=5))
+        assert processor.process_queue(now=1060.0).sent == 1
+    finally:
+        processor.stop(timeout=10)
+    assert healthy.counters()["mesg"] == 1
+    assert refusing.counters()["mesg"] == 0

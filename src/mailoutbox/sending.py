@@ -7,8 +7,11 @@ through the mailer of the pass and ends the claim with one of the outcomes
 described in the documentation chapter "The queue on disk": sent, deferred
 (a transient failure, tried again later according to the
 :class:`~mailoutbox.retry.RetryPolicy`) or failed (a permanent failure, or
-one retried long enough: the message is moved to the failed area).  Each
-outcome is logged, naming the Message-Id, and announced with an event.
+one retried long enough: the message is moved to the failed area).  A
+message the server accepted for some recipients only is split: those
+refused for now stay queued (the queue file is rewritten to name them
+alone), those refused for good go to the failed area.  Each outcome is
+logged, naming the Message-Id, and announced with an event.
 
 The class is a mixin: it uses the processor's attributes, among them its
 ``log`` (the ``mailoutbox.queue`` logger) and ``classify`` seams, so that
