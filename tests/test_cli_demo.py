@@ -44,7 +44,7 @@ No such user)
    failed   <hello-3@shop.example.org>: all recipients refused \
 (nobody@example.net: 550)
    sent 2, deferred 0, failed 1
-   The queue holds: 0 queued, 0 deferred, 0 sending, 1 failed
+   The queue holds: 0 queued, 0 deferred, 0 sending, 2 failed
 
 4. What the SMTP server on 127.0.0.1:{port} received:
    from shop@example.org to alice@example.org: 'Your order has shipped' \

@@ -35,7 +35,9 @@ from transaction.interfaces import IDataManagerSavepoint
 from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
+from mailoutbox.address import parse_address
 from mailoutbox.errors import classify
+from mailoutbox.errors import is_permanent_code
 from mailoutbox.events import MailErrorEvent
 from mailoutbox.events import MailSentEvent
 from mailoutbox.maildir import Maildir
@@ -255,7 +257,8 @@ class DirectDataManager(_DataManager):
         """Send every message; log failures and report every outcome as an
         event after the transaction completed.  Never raises."""
         self.state = _FINISHED
-        events = [self._send(message) for message in self.messages]
+        events = [event for message in self.messages
+                  for event in self._send(message)]
         self.messages = []
         if events:
             try:
@@ -264,7 +267,7 @@ class DirectDataManager(_DataManager):
                 log.error("could not schedule the events of message(s) %s",
                           ", ".join(e.messageId for e in events), exc_info=True)
 
-    def _send(self, message: _Message) -> MailSentEvent | MailErrorEvent:
+    def _send(self, message: _Message) -> list[MailSentEvent | MailErrorEvent]:
         try:
             refused = self.delivery.mailer_for(message.relay).send(
                 message.fromaddr, message.toaddrs, message.data
@@ -274,16 +277,30 @@ class DirectDataManager(_DataManager):
             error = classify(exc)
             log.error("could not send message %s: %s", message.message_id,
                       error, exc_info=True)
-            return MailErrorEvent(
+            return [MailErrorEvent(
                 message.message_id, str(error), permanent=True,
                 code=error.code, refused=error.refused,
-            )
+            )]
         if refused:
             log.warning("sent message %s, but these recipients were refused:"
                         " %s", message.message_id, refused)
         else:
             log.info("sent message %s", message.message_id)
-        return MailSentEvent(message.message_id, refused)
+        sent = [a for a in message.toaddrs
+                if a not in refused and parse_address(a)[1] not in refused]
+        events: list[MailSentEvent | MailErrorEvent] = [
+            MailSentEvent(message.message_id, refused, sent=sent)]
+        # A direct delivery never tries again: those refused for now are
+        # given up on too, which an error event says.
+        later = {a: r for a, r in refused.items() if not is_permanent_code(r[0])}
+        if later:
+            events.append(MailErrorEvent(
+                message.message_id,
+                "refused for now, and not tried again by a direct delivery: "
+                + ", ".join(f"{a} ({c} {t})" for a, (c, t) in later.items()),
+                permanent=True, code=max(c for c, _t in later.values()),
+                refused=later))
+        return events
 
     def _abort(self) -> None:
         voted, self.voted = self.voted, []

@@ -373,13 +373,43 @@ class IMailEvent(Interface):
 
 
 class IMailSentEvent(IMailEvent):
-    """The message was accepted by the server for at least one recipient."""
+    """The message was accepted by the server for at least one recipient.
+
+    Its three attributes split the recipients of the attempt: the server
+    accepted the message for those in :attr:`sent`, refused it for good to
+    those in :attr:`refused`, and refused it for now to those in
+    :attr:`deferred`, for whom the message stays queued.  The recipients
+    already accepted are never sent the message again by the queue, except
+    after a crash in the microseconds between the server's reply and the
+    queue's bookkeeping (see "The queue on disk").
+    """
 
     refused = Dict(
         title="Refused recipients",
-        description="The recipients the server refused although it accepted"
-        " the message for others, as {address: (code, text)}."
-        "\n\n.. versionadded:: 0.1",
+        description="The recipients the server refused, for good, although"
+        " it accepted the message for others, as {address: (code, text)}:"
+        " refused with a 5xx reply (the queue keeps them in a part of the"
+        " message in its failed area), or refused with any reply by a"
+        " direct delivery, which never tries again."
+        "\n\n.. versionadded:: 0.1\n.. versionchanged:: 0.1"
+        "\n   Recipients refused with 4xx by the queue are in"
+        " :attr:`deferred` instead.",
+        required=False,
+    )
+
+    sent = Attribute(
+        "The recipients the server accepted the message for, in this"
+        " attempt: a tuple of the addresses as they were queued (with"
+        " display names, if any).\n\n.. versionadded:: 0.1"
+    )
+
+    deferred = Dict(
+        title="Deferred recipients",
+        description="The recipients the server refused with a transient"
+        " (4xx) reply, as {address: (code, text)}: the message stays queued"
+        " for them alone, and is tried again with back-off until they are"
+        " accepted, refused with 5xx or the message expires.  Always empty"
+        " for a direct delivery.\n\n.. versionadded:: 0.1",
         required=False,
     )
 
@@ -410,8 +440,21 @@ class IMailErrorEvent(IMailEvent):
 
     refused = Dict(
         title="Refused recipients",
-        description="The recipients refused by the server, as"
-        " {address: (code, text)}.\n\n.. versionadded:: 0.1",
+        description="The recipients refused by the server for good, as"
+        " {address: (code, text)}: with a 5xx reply, or with any reply when"
+        " the message will not be tried again."
+        "\n\n.. versionadded:: 0.1",
+        required=False,
+    )
+
+    deferred = Dict(
+        title="Deferred recipients",
+        description="The recipients the server refused with a transient"
+        " (4xx) reply, as {address: (code, text)}, for whom the message"
+        " stays queued (only when :attr:`permanent` is false).  When every"
+        " recipient was refused, some with 4xx and others with 5xx, the"
+        " message is kept for the first and the others are in"
+        " :attr:`refused`.\n\n.. versionadded:: 0.1",
         required=False,
     )
 

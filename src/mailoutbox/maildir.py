@@ -14,6 +14,8 @@ documentation chapter "The queue on disk"; in short::
       .rejected-NAME      rejected by zope.sendmail (adopted into failed/)
     failed/NAME           failed permanently
       + .reason-NAME      why (JSON)
+    failed/NAME.refused-HEX   the part of NAME for recipients refused
+      + .reason-...       permanently while others accepted it
 
 Queue files begin with the two envelope lines zope.sendmail writes
 (``X-Zope-From:`` and ``X-Zope-To:``), so zope.sendmail and mailoutbox can
@@ -43,6 +45,7 @@ from mailoutbox._files import fsync_dir
 from mailoutbox._files import is_folder
 from mailoutbox._files import read_json
 from mailoutbox._files import unlink
+from mailoutbox._files import write_atomically
 from mailoutbox._files import write_json_atomically
 from mailoutbox._writer import MaildirMessageWriter
 from mailoutbox.interfaces import IMaildir
@@ -66,6 +69,10 @@ CLAIM_PREFIX = ".sending-"
 RETRY_PREFIX = ".retry-"
 REASON_PREFIX = ".reason-"
 REJECTED_PREFIX = ".rejected-"
+#: Ends the name of the part of a message split off into the failed area
+#: for the recipients the server refused permanently (followed by 8 hex
+#: digits, so that parts split off in several attempts do not collide).
+REFUSED_SUFFIX = ".refused-"
 #: Seconds after which a claim that was not renewed is taken to belong to
 #: a dead processor and may be broken.
 DEFAULT_LEASE = 30.0
@@ -300,7 +307,11 @@ class Maildir:
         self._ensure_failed()
         target = Entry(self.failed, name or entry.name)
         write_json_atomically(self.tmp, target.sidecar(REASON_PREFIX), reason)
-        os.rename(entry.path, target.path)
+        try:
+            os.rename(entry.path, target.path)
+        except PermissionError:  # not ours to move: leave no reason behind
+            unlink(target.sidecar(REASON_PREFIX))
+            raise
         unlink(entry.sidecar(RETRY_PREFIX))
         return target
 
@@ -411,6 +422,26 @@ class Claim:
             self.maildir.tmp, self.entry.sidecar(RETRY_PREFIX), state, retry_at
         )
         unlink(self.claim_path)
+
+    def rewrite(self, data: bytes) -> None:
+        """Replace the queue file's contents with *data*, atomically: the
+        new file is written in ``tmp/``, fsynced and renamed over the
+        message (the claim keeps the old file's inode until it ends)."""
+        write_atomically(self.maildir.tmp, self.entry.path, data, fsync=True,
+                         prefix=".rewrite-")
+
+    def split_failed(self, data: bytes, reason: dict[str, Any]) -> Entry:
+        """Put *data*, a queue file for some of the message's recipients,
+        in the failed area with *reason*, as ``NAME.refused-HEX``; the
+        claimed message stays where it is."""
+        self.maildir._ensure_failed()
+        target = Entry(self.maildir.failed, self.entry.name + REFUSED_SUFFIX
+                       + secrets.token_hex(4))
+        write_json_atomically(self.maildir.tmp, target.sidecar(REASON_PREFIX),
+                              reason)
+        write_atomically(self.maildir.tmp, target.path, data, fsync=True,
+                         prefix=".refused-")
+        return target
 
     def fail(self, reason: dict[str, Any]) -> Entry:
         """Move the message to the failed area with *reason*."""
