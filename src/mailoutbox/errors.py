@@ -19,6 +19,7 @@ from collections.abc import Mapping
 __all__ = [
     "TEMPORARY_EXIT_STATUSES",
     "MailAuthenticationError",
+    "MailConfigurationError",
     "MailConnectionError",
     "MailError",
     "MailTLSError",
@@ -81,7 +82,17 @@ class MailTimeoutError(TransientMailError, TimeoutError):
     """The server did not answer in time."""
 
 
-class MailTLSError(TransientMailError):
+class MailConfigurationError(TransientMailError):
+    """The sender's configuration and the server disagree (TLS,
+    authentication): no message can be sent until one of them is fixed.
+
+    Transient, so that the queue keeps the messages until the configuration
+    is fixed (or they expire); the queue processor logs these as errors
+    naming the problem.
+    """
+
+
+class MailTLSError(MailConfigurationError):
     """TLS was required but not available, or the handshake or the
     certificate verification failed.
 
@@ -90,7 +101,7 @@ class MailTLSError(TransientMailError):
     """
 
 
-class MailAuthenticationError(TransientMailError):
+class MailAuthenticationError(MailConfigurationError):
     """Credentials are configured but authentication failed or is not
     offered by the server.
 

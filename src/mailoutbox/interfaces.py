@@ -296,6 +296,17 @@ class ISMTPMailer(IMailer):
         "\n\n.. versionadded:: 0.1"
     )
 
+    def close_connection():
+        """Close the calling thread's connection, if it has one: say QUIT
+        (ignoring any failure) and forget it.  The next message of this
+        thread opens a new one.
+
+        A worker thread calls this when it is done, rather than
+        :meth:`close`, which concerns every thread sharing the mailer.
+
+        .. versionadded:: 0.1
+        """
+
     def close():
         """Close the connections this mailer keeps open for reuse.
 

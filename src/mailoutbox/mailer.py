@@ -209,6 +209,10 @@ class SMTPMailer:
             connection.quit_quietly()
             self._forget(connection)
 
+    def close_connection(self) -> None:
+        """See :class:`mailoutbox.interfaces.ISMTPMailer`."""
+        self.abort()
+
     def close(self) -> None:
         """See :class:`mailoutbox.interfaces.ISMTPMailer`."""
         with self._lock:
