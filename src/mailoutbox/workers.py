@@ -263,9 +263,6 @@ class WorkerPool:
     :class:`WorkerStartError` is raised.
     """
 
-    #: Makes the threads (a seam for tests).
-    thread_factory: Callable[..., threading.Thread] = threading.Thread
-
     def __init__(self, count: int, work: Callable[[Pass], None],
                  name: str, label: str | None = None) -> None:
         self._work = work
@@ -275,7 +272,7 @@ class WorkerPool:
         for i in range(count):
             tasks: queue.SimpleQueue[Pass | str | None] = queue.SimpleQueue()
             try:
-                thread = self.thread_factory(
+                thread = threading.Thread(
                     target=self._loop, args=(tasks,),
                     name=f"{name}-worker-{i}{suffix}", daemon=True)
                 thread.start()
@@ -349,9 +346,6 @@ class Heartbeat:
     first pass registered (:meth:`add`), which raises if it cannot.
     """
 
-    #: Makes the thread (a seam for tests).
-    thread_factory: Callable[..., threading.Thread] = threading.Thread
-
     def __init__(self, period: float, name: str) -> None:
         self.period = period
         self.name = f"{name}-heartbeat"
@@ -364,8 +358,8 @@ class Heartbeat:
         """Renew the claims of *job* from now on."""
         with self._lock:
             if self.thread is None:
-                thread = self.thread_factory(target=self._loop, name=self.name,
-                                             daemon=True)
+                thread = threading.Thread(target=self._loop, name=self.name,
+                                          daemon=True)
                 thread.start()
                 self.thread = thread
             self._passes.add(job)
