@@ -327,7 +327,7 @@ def test_a_pass_whose_workers_cannot_start_fails_cleanly(queue_path, refused,
         fill_queue(queue_path, 2)
         processor = make_processor(queue_path, make_mailer(server.port),
                                    concurrency=4)
-        with pytest.raises(WorkerStartError, match="thread 3 of 4.*can't start"):
+        with pytest.raises(WorkerStartError, match=r"thread 3 of 4.*can't start"):
             processor.process_queue()
         assert workers() == []  # those started were ended
         assert "could not start the worker thread 3 of 4" in caplog.text
@@ -386,9 +386,9 @@ def test_numbers_are_checked(options, error):
 def test_the_interval_is_checked_when_set():
     processor = QueueProcessorThread(concurrency=MAX_CONCURRENCY)
     for value in (0, -5, math.nan, math.inf):
-        with pytest.raises(ValueError, match="pollingInterval.*milliseconds"):
+        with pytest.raises(ValueError, match=r"pollingInterval.*milliseconds"):
             processor.pollingInterval = value
-        with pytest.raises(ValueError, match="interval.*seconds"):
+        with pytest.raises(ValueError, match=r"interval.*seconds"):
             processor.interval = value
     assert processor.interval == 3.0
     processor.pollingInterval = 250

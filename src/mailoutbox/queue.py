@@ -33,8 +33,8 @@ import logging
 import math
 import os
 import threading
-import weakref
 import time
+import weakref
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
