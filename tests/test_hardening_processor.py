@@ -287,6 +287,20 @@ def test_a_forked_child_exits_at_once_and_sends_nothing(queue_path):
         assert slow.messages == ["<forked-0@mailoutbox.test>"]
 
 
+def test_a_started_processor_is_stopped_in_a_child(queue_path, monkeypatch):
+    # what fork() runs in the child, run here (coverage does not see the
+    # child before multiprocessing starts it)
+    processor = make_processor(queue_path, object(), interval=0.05)
+    processor.start()
+    monkeypatch.setattr(processors, "_threads", {queue_path: processor})
+    processors._forget_after_fork()
+    assert processors.processor_threads() == {}
+    processor.stop(timeout=10)
+    processor._after_fork_in_child()
+    assert processor._stopping.is_set()
+    processor.stop(timeout=1)
+
+
 def test_a_processor_not_started_can_still_be_used_in_a_child(queue_path):
     processor = make_processor(queue_path, object())
     processor._after_fork_in_child()  # what fork() runs in the child

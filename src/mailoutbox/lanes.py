@@ -199,10 +199,9 @@ class Lanes:
         stats = job.stats
         if stats.attempted:
             lane.connections_open = True
-        elif lane.connections_open:  # idle: do not keep connections open
-            lane.connections_open = False
-            if lane.pool is not None:
-                lane.pool.idle()  # each worker closes its own
+        elif lane.connections_open and lane.pool is not None:  # idle:
+            lane.connections_open = False  # do not keep connections open
+            lane.pool.idle()  # each worker closes its own
         if not job.total and lane.name is not None:
             self._retire(lane)  # an empty relay folder needs no threads
         return stats
