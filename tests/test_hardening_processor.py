@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -20,11 +21,13 @@ import pytest
 from mailoutbox import processors
 from mailoutbox import queue
 from mailoutbox import relays
+from mailoutbox.maildir import Maildir
 from mailoutbox.mailer import SMTPMailer
 from mailoutbox.queue import MAX_CONCURRENCY
 from mailoutbox.queue import QueueProcessorThread
 from mailoutbox.testing.smtpd import SMTPServer
 from mailoutbox.workers import Heartbeat
+from mailoutbox.workers import Pass
 from mailoutbox.workers import WorkerStartError
 
 from ._drain_worker import fill_queue
@@ -443,3 +446,23 @@ def test_every_processor_is_reset_in_a_child(queue_path, monkeypatch):
     processor._pass_lock.acquire()  # as a thread of the parent holds it
     queue._after_fork_in_child()  # what fork() runs in the child
     processor.stop(timeout=1)  # the lock is a new one
+
+
+def test_renewal_does_not_wait_for_the_progress_callback(queue_path):
+    # the pass's lock is held while the progress callback runs (it may
+    # write to a stalled terminal): renewing the claims must not need it
+    fill_queue(queue_path, 1)
+    maildir = Maildir(queue_path)
+    scan = maildir.scan()
+    job = Pass(maildir, scan, time.time, threading.Event(), None, None, 1)
+    claim = maildir.claim(scan.entries[0], 30.0)
+    job.hold(claim)
+    os.utime(claim.claim_path, (0, 0))
+    with job._lock:  # as while a slow progress callback runs
+        renewer = threading.Thread(target=job.renew_claims, daemon=True)
+        renewer.start()
+        renewer.join(10)
+        assert not renewer.is_alive()
+    assert os.stat(claim.claim_path).st_mtime > 0
+    job.drop(claim)
+    claim.release()

@@ -125,6 +125,9 @@ class Pass:
         self._workers_left = workers
         self._lock = threading.Lock()
         self._in_flight: set[Claim] = set()
+        # The claims have a lock of their own, so that the heartbeat never
+        # waits for the pass's (held while the progress callback runs).
+        self._claims_lock = threading.Lock()
         self.workers = workers
         #: How many workers may take messages (the others wait).
         self.active = 1 if adaptive else workers
@@ -203,15 +206,15 @@ class Pass:
                 log.exception("the progress callback failed")
 
     def hold(self, claim: Claim) -> None:
-        with self._lock:
+        with self._claims_lock:
             self._in_flight.add(claim)
 
     def drop(self, claim: Claim) -> None:
-        with self._lock:
+        with self._claims_lock:
             self._in_flight.discard(claim)
 
     def renew_claims(self) -> None:
-        with self._lock:
+        with self._claims_lock:
             claims = list(self._in_flight)
         for claim in claims:
             claim.renew()
