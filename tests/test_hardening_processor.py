@@ -466,3 +466,23 @@ def test_renewal_does_not_wait_for_the_progress_callback(queue_path):
     assert os.stat(claim.claim_path).st_mtime > 0
     job.drop(claim)
     claim.release()
+
+
+def test_stop_closes_the_connections_of_every_relay_at_once(queue_path):
+    # eight relays that never answer QUIT, each a mailer with a 2 s
+    # timeout: closing their connections one after the other would take
+    # 16 s; the workers close theirs at the same time
+    names = [f"r{i}" for i in range(8)]
+    with Peer(answer_quit=False) as hung:
+        for name in names:
+            relays.open_relay(queue_path, name, create=True)
+            fill_queue(relays.relay_path(queue_path, name), 1, prefix=name)
+        processor = make_processor(
+            queue_path, make_mailer(hung.port, timeout=2), interval=0.05,
+            concurrency=1, max_relays=8,
+            mailers={name: make_mailer(hung.port, timeout=2) for name in names})
+        processor.start()
+        wait_until(lambda: len(hung.messages) == 8)
+        processor.stop(timeout=10)
+        assert workers() == []
+        assert sorted(hung.messages) == [f"<{n}-0@mailoutbox.test>" for n in names]
