@@ -265,6 +265,9 @@ def _child_exits(processor, queue_path, results):
         results.put(repr(exc))
 
 
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="needs fork()")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
 def test_a_forked_child_exits_at_once_and_sends_nothing(queue_path):
     with Peer(data_delay=1.5) as slow:
         fill_queue(queue_path, 1, prefix="forked")
