@@ -181,6 +181,7 @@ class Lanes:
                 self._make_room()
             lane.pool = WorkerPool(processor.concurrency, processor._work,
                                    processor.name, lane.name)
+        self.heartbeat.period = processor.lease / 3
         self.heartbeat.add(job)
         lane.job = job
         if on_progress is not None:
