@@ -98,13 +98,24 @@ def wait_until(predicate, timeout=10.0):
 
 
 class CountingMailer(SMTPMailer):
-    """The real mailer, counting how often its connections are closed."""
+    """The real mailer, counting how often its connections are closed:
+    ``closed`` counts close() (every thread's connections: the processor
+    must never call it), ``closed_by`` the threads that called
+    close_connection() (their own connection)."""
 
     closed = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.closed_by = []
 
     def close(self):
         self.closed += 1
         super().close()
+
+    def close_connection(self):
+        self.closed_by.append(threading.current_thread().name)
+        super().close_connection()
 
 
 # -- configuration --------------------------------------------------------------
@@ -642,7 +653,12 @@ def test_run_once_closes_everything(smtp_server, queue_path):
     processor.setQueuePath(queue_path)
     processor.run(forever=False)
     assert len(smtp_server.messages) == 3
-    assert mailer.closed == 1
+    # each worker closed its own connection as it ended; no one else did
+    assert mailer.closed == 0
+    assert sorted(mailer.closed_by) == [
+        "mailoutbox.queue.QueueProcessorThread-worker-0",
+        "mailoutbox.queue.QueueProcessorThread-worker-1"]
+    assert smtp_server.commands.count("QUIT") == smtp_server.connections
     assert worker_threads() == []
 
 
@@ -653,13 +669,14 @@ def test_connections_are_kept_while_busy_and_closed_when_idle(
     for _ in range(3):
         fill_queue(queue_path, 1)
         assert processor.process_queue().sent == 1
-    assert (mailer.closed, smtp_server.connections) == (0, 1)
+    assert (mailer.closed_by, smtp_server.connections) == ([], 1)
+    processor.process_queue()  # idle: the worker closes its connection
+    wait_until(lambda: smtp_server.commands.count("QUIT") == 1)
+    assert len(mailer.closed_by) == 1
     processor.process_queue()
-    assert mailer.closed == 1
-    processor.process_queue()
-    assert mailer.closed == 1  # already closed
     processor.stop()
-    assert mailer.closed == 2 and worker_threads() == []
+    assert len(mailer.closed_by) == 1  # already closed: not again
+    assert worker_threads() == [] and mailer.closed == 0
 
 
 def test_thread_sends_what_is_queued_and_stops_promptly(
@@ -824,7 +841,7 @@ def test_errors_while_tidying_up_and_closing_are_logged(
             raise PermissionError("cannot tidy")
 
     class Unclosable(SMTPMailer):
-        def close(self):
+        def close_connection(self):
             raise OSError("cannot close")
 
     fill_queue(queue_path, 1)
@@ -834,7 +851,7 @@ def test_errors_while_tidying_up_and_closing_are_logged(
     assert processor.process_queue().sent == 1
     processor.stop()
     assert "error while tidying up" in caplog.text
-    assert "error while closing the mailer's connections" in caplog.text
+    assert "error while closing a connection of" in caplog.text
 
 
 def test_worker_threads_survive_anything(smtp_server, make_processor, queue_path,

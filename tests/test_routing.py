@@ -627,27 +627,32 @@ def test_limited_passes_of_a_relay_follow_each_other(queue_path, servers,
     wait_until(lambda: len(servers["fast"].messages) == 5, timeout=5)
 
 
-def test_a_shared_mailer_is_closed_once_and_not_while_in_use(queue_path, servers,
-                                                            make_processor):
+def test_a_shared_mailer_is_closed_by_each_worker_not_while_in_use(
+        queue_path, servers, make_processor):
     class Counting(SMTPMailer):
-        closed = 0
+        closed = 0  # close_connection() calls; close() must not be called
 
-        def close(self):
-            Counting.closed += 1
-            super().close()
+        def close_connection(self):
+            with lock:
+                Counting.closed += 1
+            super().close_connection()
 
+        def close(self):  # pragma: no cover - the processor never calls it
+            raise AssertionError("the processor closed every thread's connections")
+
+    lock = threading.Lock()
     shared = Counting("127.0.0.1", servers["fast"].port, no_tls=True, timeout=5)
     route(queue_path, "a", 1, names=["a", "b"])
     route(queue_path, "b", 1, names=["a", "b"])
-    processor = make_processor()
+    processor = make_processor(concurrency=1)
     processor.setMailer(shared)
     processor.setMailers({"a": shared, "b": shared})
     assert processor.process_queue().sent == 2
     assert Counting.closed == 0
-    processor.process_queue()  # idle: closed
-    assert Counting.closed == 1
+    processor.process_queue()  # idle: each relay's worker closes its own
     processor.stop()
-    assert Counting.closed == 2  # once more at the end, not once per relay
+    assert Counting.closed == 2
+    assert servers["fast"].commands.count("QUIT") == 2
 
 
 def test_processor_settings_are_checked():

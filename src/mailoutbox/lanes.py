@@ -20,6 +20,13 @@ max_relays)``; the other relay folders wait their turn, the one served
 longest ago first.  The worker threads of a relay folder end when a pass of
 it finds it empty, or when another relay folder needs threads and
 ``max_relays`` folders have them already.
+
+The thread that drives the lanes never waits on the network: each worker
+thread closes its own connections (when its lane goes idle, and when its
+pool ends), and a relay folder's pool is ended without waiting for its
+threads (they are joined when the processor stops).  The claims of the
+messages in flight are renewed by a thread of their own
+(:class:`~mailoutbox.workers.Heartbeat`).
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from typing import Any
 
 from mailoutbox.maildir import Maildir
 from mailoutbox.relays import relay_folders
+from mailoutbox.workers import Heartbeat
 from mailoutbox.workers import Pass
 from mailoutbox.workers import ProgressCallback
 from mailoutbox.workers import Stats
@@ -52,8 +60,7 @@ class Lane:
     maildir: Maildir
     pool: WorkerPool | None = None
     job: Pass | None = None
-    mailer: Any = None  # the mailer of the current or last pass
-    connections_open: bool = False
+    connections_open: bool = False  # the pool's workers may have some
     due: float = 0.0  # when the next pass may start (time.monotonic())
     started: float = -math.inf  # when the last pass started
 
@@ -91,6 +98,10 @@ class Lanes:
         #: Set when a pass ends (and by stop()): the driver looks again.
         self.wakeup = threading.Event()
         self._unusable: set[str] = set()
+        #: Renews the claims of the passes in flight.
+        self.heartbeat = Heartbeat(processor.lease / 3, processor.name)
+        #: Pools being ended (their threads are closing their connections).
+        self._ending: list[WorkerPool] = []
 
     # -- which lanes there are ------------------------------------------------
 
@@ -103,6 +114,7 @@ class Lanes:
             self.lanes[None] = Lane(None, processor.maildir)
         elif main.maildir is not processor.maildir and not main.busy:
             main.maildir = processor.maildir  # setMaildir() was called
+        self._ending = [pool for pool in self._ending if pool.alive()]
         found = set()
         for name, path in relay_folders(processor.maildir.path):
             found.add(name)
@@ -141,7 +153,9 @@ class Lanes:
     def start(self, lane: Lane, clock: Callable[[], float],
               on_progress: _Progress | None) -> None:
         """List the lane's folder, tidy it up and hand its messages to its
-        workers.  Errors of the listing are raised."""
+        workers.  Errors of the listing, and
+        :class:`~mailoutbox.workers.WorkerStartError`, are raised (the lane
+        is then idle)."""
         processor = self.processor
         maildir = lane.maildir
         scan = maildir.scan()
@@ -157,18 +171,22 @@ class Lanes:
                    processor.concurrency, mailer=mailer, relay=lane.name,
                    on_finished=self.wakeup.set,
                    adaptive=processor.adaptive)
-        lane.mailer, lane.job, lane.started = mailer, job, time.monotonic()
+        lane.started = time.monotonic()
         if not job.total:
             job.finished.set()
+            lane.job = job
             return
-        if on_progress is not None:
-            with on_progress.lock:
-                on_progress.total += job.total
         if lane.pool is None:
             if lane.name is not None:
                 self._make_room()
             lane.pool = WorkerPool(processor.concurrency, processor._work,
                                    processor.name, lane.name)
+        self.heartbeat.period = processor.lease / 3
+        self.heartbeat.add(job)
+        lane.job = job
+        if on_progress is not None:
+            with on_progress.lock:
+                on_progress.total += job.total
         lane.pool.submit(job)
 
     def collect(self, lane: Lane) -> Stats | None:
@@ -178,24 +196,16 @@ class Lanes:
         if job is None or not job.finished.is_set():
             return None
         lane.job = None
+        self.heartbeat.discard(job)
         stats = job.stats
         if stats.attempted:
             lane.connections_open = True
-        else:  # idle: do not keep connections open
-            self._close_connections(lane)
+        elif lane.connections_open and lane.pool is not None:  # idle:
+            lane.connections_open = False  # do not keep connections open
+            lane.pool.idle()  # each worker closes its own
         if not job.total and lane.name is not None:
             self._retire(lane)  # an empty relay folder needs no threads
         return stats
-
-    def _close_connections(self, lane: Lane) -> None:
-        """Close the connections of an idle lane's mailer, unless a busy
-        lane uses the same mailer."""
-        if lane.connections_open and not any(
-            other.busy and other.mailer is lane.mailer
-            for other in self.lanes.values()
-        ):
-            self.processor._close(lane.mailer)
-            lane.connections_open = False
 
     def _make_room(self) -> None:
         """Before a relay folder gets worker threads: end those of the idle
@@ -209,29 +219,26 @@ class Lanes:
             self._retire(lane)
 
     def _retire(self, lane: Lane) -> None:
-        """End the worker threads and connections of an idle lane."""
-        self._close_connections(lane)
+        """End the worker threads of an idle lane, without waiting for
+        them (each closes its connections first)."""
+        lane.connections_open = False
         if lane.pool is not None:
-            lane.pool.close()
+            lane.pool.close(wait=False)
+            self._ending.append(lane.pool)
             lane.pool = None
 
     def in_flight(self) -> list[Pass]:
         return [lane.job for lane in self.lanes.values() if lane.job is not None]
 
-    def renew_claims(self) -> None:
-        for job in self.in_flight():
-            job.renew_claims()
-
     def wait(self, timeout: float) -> None:
-        """Wait until a pass ends or *timeout* seconds have passed, then
-        renew the claims of the messages in flight (the heartbeat)."""
+        """Wait until a pass ends or *timeout* seconds have passed."""
         self.wakeup.wait(max(0.0, timeout))
         self.wakeup.clear()
-        self.renew_claims()
 
     def threads(self) -> list[threading.Thread]:
         """The worker threads; safe to call from any thread."""
         pools = [lane.pool for lane in list(self.lanes.values())]  # one copy
+        pools += list(self._ending)
         return [t for pool in pools if pool is not None for t in pool.threads]
 
     # -- driving the lanes ----------------------------------------------------
@@ -317,30 +324,29 @@ class Lanes:
                 stats = self.collect(lane)
                 if stats is not None:  # nothing to send
                     lane.due = now + processor.interval
-            waits = [processor.lease / 3, next_refresh - now]
+            waits = [next_refresh - now]
             waits += [lane.due - now for lane in self.lanes.values()
                       if not lane.busy and self._slot_free(lane)]
             self.wait(min(waits))  # a lane waiting for a slot: until a pass ends
 
     def finish(self) -> None:
-        """Wait for the passes in flight to end (renewing their claims)."""
+        """Wait for the passes in flight to end (the heartbeat renews their
+        claims meanwhile)."""
         lease = self.processor.lease
         while not all(job.finished.is_set() for job in self.in_flight()):
             self.wait(lease / 3)
         for lane in list(self.lanes.values()):
             self.collect(lane)
 
-    def close(self) -> list[Any]:
-        """End every worker thread (after the passes in flight); return the
-        mailers the lanes used."""
+    def close(self) -> None:
+        """End every worker thread (after the passes in flight), each
+        closing its connections, all at once; return when they have ended.
+        """
         self.finish()
-        mailers = []
         for lane in self.lanes.values():
-            if lane.pool is not None:
-                lane.pool.close()
-                lane.pool = None
-            if lane.mailer is not None:
-                mailers.append(lane.mailer)
-            lane.connections_open = False
+            self._retire(lane)
         self.lanes.clear()
-        return mailers
+        ending, self._ending = self._ending, []
+        for pool in ending:
+            pool.join()
+        self.heartbeat.close()

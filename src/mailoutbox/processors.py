@@ -7,6 +7,14 @@ unless one already serves the folder (by its real path).  The threads are
 stopped at interpreter exit; :func:`stop_processor_threads` stops them
 earlier (tests, application shutdown).  These functions are documented,
 and usually imported, as ``mailoutbox.zcml.start_processor_thread`` etc.
+
+A child process made by ``fork()`` (``gunicorn --preload``,
+``multiprocessing``) starts with no processor thread: the registry forgets
+the parent's threads (which go on serving their queues in the parent), so
+the child neither sends the queue's messages nor waits for them at exit.
+A child that should serve a queue of its own calls
+:func:`start_processor_thread` itself (e.g. in gunicorn's ``post_fork``
+hook).
 """
 from __future__ import annotations
 
@@ -117,3 +125,13 @@ def stop_processor_threads(timeout: float | None = None) -> None:
             log.info("stopped the processor thread for %s", key)
     if errors:
         raise errors[0]
+
+
+def _forget_after_fork() -> None:
+    """In a child process made by ``fork()``: no thread is running here."""
+    global _threads_lock
+    _threads_lock = threading.Lock()  # another thread may have held it
+    _threads.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

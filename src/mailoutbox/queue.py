@@ -9,10 +9,16 @@ one of the outcomes described in the documentation chapter "The queue on
 disk": sent, deferred (transient failure, tried again later according to the
 :class:`~mailoutbox.retry.RetryPolicy`) or failed (permanent failure, moved
 to the failed area); how one message is handled is in
-:mod:`mailoutbox.sending`.  The thread that started the pass renews the
-claims of the messages in flight, so a slow send is never taken over by
-another processor, while the claims of a processor that died are broken
-after the lease.
+:mod:`mailoutbox.sending`.  A thread that does nothing else renews the
+claims of the messages in flight (:class:`~mailoutbox.workers.Heartbeat`),
+so a slow send is never taken over by another processor, while the claims
+of a processor that died are broken after the lease.  Each worker thread
+closes its own connections; the processor never calls a mailer's
+``close()``, which would close the connections of other threads too.
+
+In a child process made by ``fork()`` (``multiprocessing``, ``gunicorn
+--preload``), a processor has no threads: the child does not send the
+queue's messages and exits at once, while the parent's processor goes on.
 
 Messages routed to a named mailer are in relay folders inside the queue
 (:mod:`mailoutbox.relays`); each relay folder is drained through the mailer
@@ -24,8 +30,11 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -49,7 +58,13 @@ from mailoutbox.workers import Pass
 from mailoutbox.workers import ProgressCallback
 from mailoutbox.workers import Stats
 
-__all__ = ["DEFAULT_CONCURRENCY", "QueueProcessorThread", "Stats", "message_id_of"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "MAX_CONCURRENCY",
+    "QueueProcessorThread",
+    "Stats",
+    "message_id_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +73,19 @@ log = logging.getLogger(__name__)
 #: about 30 times as fast as one connection per message), few enough for any
 #: relay's per-client limit (Postfix allows 20 by default).
 DEFAULT_CONCURRENCY = 8
+#: The largest *concurrency* accepted: more connections than any relay
+#: allows one client, and threads the process may not be able to start.
+MAX_CONCURRENCY = 100
+
+
+def _check_duration(name: str, value: float, unit: str = "seconds") -> float:
+    """*value*, if it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of {unit}, not {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number of {unit} > 0,"
+                         f" not {value!r}")
+    return value
 
 
 @implementer(IMailQueueProcessor)
@@ -79,6 +107,10 @@ class QueueProcessorThread(MessageSender, threading.Thread):
     *mailers* maps the names of relay folders to their mailers (see
     :meth:`setMailers`); at most *max_relays* relay folders are served at
     the same time, each by *concurrency* worker threads.
+
+    *interval* and *lease* must be finite and > 0, *concurrency* a whole
+    number from 1 to :data:`MAX_CONCURRENCY`: anything else raises
+    :class:`ValueError` (:class:`TypeError` if not a number).
     """
 
     log = log
@@ -94,11 +126,12 @@ class QueueProcessorThread(MessageSender, threading.Thread):
                  mailers: Mapping[str, Any] | None = None,
                  max_relays: int = 8, adaptive: bool = True) -> None:
         super().__init__(name="mailoutbox.queue.QueueProcessorThread", daemon=True)
-        if not (isinstance(concurrency, int) and concurrency >= 1):
+        if not (isinstance(concurrency, int) and not isinstance(concurrency, bool)
+                and 1 <= concurrency <= MAX_CONCURRENCY):
             raise ValueError(
-                f"concurrency must be an integer >= 1, not {concurrency!r}")
-        if not lease > 0:
-            raise ValueError(f"lease must be > 0 seconds, not {lease!r}")
+                f"concurrency must be a whole number from 1 to"
+                f" {MAX_CONCURRENCY}, not {concurrency!r}")
+        _check_duration("lease", lease)
         if max_messages_per_pass is not None and max_messages_per_pass < 1:
             raise ValueError("max_messages_per_pass must be None or >= 1")
         if not (isinstance(max_relays, int) and max_relays >= 1):
@@ -117,8 +150,18 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         self._pass_lock = threading.Lock()
         self._lanes = Lanes(self)
         self._pass_owner: threading.Thread | None = None
+        _processors.add(self)
 
     # -- configuration (zope.sendmail's API) ----------------------------------
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two passes over a folder (finite, > 0)."""
+        return self._interval
+
+    @interval.setter
+    def interval(self, value: float) -> None:
+        self._interval = _check_duration("interval", value)
 
     @property
     def pollingInterval(self) -> int:
@@ -126,6 +169,7 @@ class QueueProcessorThread(MessageSender, threading.Thread):
 
     @pollingInterval.setter
     def pollingInterval(self, value: int) -> None:
+        _check_duration("pollingInterval", value, "milliseconds")
         self.interval = value / 1000.0
 
     @property
@@ -201,8 +245,9 @@ class QueueProcessorThread(MessageSender, threading.Thread):
 
         No new message is started.  Returns when the thread has ended (or,
         if it was not started, when a pass that :meth:`process_queue` runs
-        in another thread has ended), the worker threads are gone and the
-        mailers' connections are closed.  Raises :class:`TimeoutError` if
+        in another thread has ended) and the worker threads are gone, each
+        having closed its own connections (bounded by the mailer's
+        timeout).  Raises :class:`TimeoutError` if
         that takes longer than *timeout* seconds.  Called from one of the
         processor's own threads (an event subscriber, a signal handler
         interrupting a pass), it only asks for the stop and returns.
@@ -236,12 +281,22 @@ class QueueProcessorThread(MessageSender, threading.Thread):
             self._pass_lock.release()
 
     def _shutdown_locked(self) -> None:
-        """End the worker threads and close the mailers' connections."""
-        closed: list[Any] = []
-        for mailer in [self.mailer, *self._lanes.close()]:
-            if not any(mailer is other for other in closed):
-                closed.append(mailer)
-                self._close(mailer)
+        """End the worker threads (each closes its own connections)."""
+        self._lanes.close()
+
+    def _after_fork_in_child(self) -> None:
+        """In a child process made by ``fork()``: forget the parent's
+        threads, pass and locks (another thread may have held them).  If the
+        parent had started the processor's thread, the copy is stopped (a
+        thread cannot be started twice): :meth:`stop` returns at once and
+        :meth:`process_queue` does nothing."""
+        self._pass_lock = threading.Lock()
+        self._pass_owner = None
+        self._stopping = threading.Event()
+        if self.ident is not None:
+            self._stopping.set()
+        self._lanes = Lanes(self)
+        atexit.unregister(self.stop)
 
     def _check_configured(self) -> Maildir:
         if self.mailer is None or self.maildir is None:
@@ -250,14 +305,6 @@ class QueueProcessorThread(MessageSender, threading.Thread):
                 " setMailer() and setQueuePath() first"
             )
         return self.maildir
-
-    def _close(self, mailer: Any) -> None:
-        close = getattr(mailer, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                self.log.exception("error while closing the mailer's connections")
 
     # -- one pass -------------------------------------------------------------
 
@@ -296,3 +343,24 @@ class QueueProcessorThread(MessageSender, threading.Thread):
             job.record(outcome)
             if outcome != SKIPPED:
                 job.observe(time.perf_counter() - wall, time.thread_time() - cpu)
+
+
+#: Every processor of the process, to reset in a forked child.
+_processors: weakref.WeakSet[QueueProcessorThread] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Reset every processor in a child process made by ``fork()``.
+
+    The child has only the thread that called ``fork()``: the processor
+    threads, their workers and heartbeat, and any pass in progress stay
+    the parent's (which goes on sending).  Each processor's copy forgets
+    them, and its locks, so that nothing in the child waits for a thread
+    that does not exist there (at exit, :meth:`QueueProcessorThread.stop`
+    returns at once) and nothing is sent twice.
+    """
+    for processor in list(_processors):
+        processor._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

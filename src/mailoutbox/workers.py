@@ -4,8 +4,10 @@ A pass hands the entries of one listing of the queue
 (:class:`mailoutbox.maildir.Scan`) to the workers, oldest first, one at a
 time, and counts what became of them (:class:`Stats`).  The workers are kept
 from pass to pass, so that each keeps its own SMTP connection open while
-the queue is busy.  The claims of the messages in flight are registered with
-the pass, so that one thread can renew them all (the heartbeat).  The queue
+the queue is busy; each closes its own connections when its lane goes idle
+and when it ends.  The claims of the messages in flight are registered with
+the pass, so that one thread that does nothing else can renew them all
+(:class:`Heartbeat`).  The queue
 and each of its relay folders has a pool and passes of its own
 (:mod:`mailoutbox.lanes`).
 """
@@ -26,7 +28,10 @@ from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
 from mailoutbox.maildir import Scan
 
-__all__ = ["DEFERRED", "FAILED", "SENT", "SKIPPED", "Pass", "Stats", "WorkerPool"]
+__all__ = [
+    "DEFERRED", "FAILED", "SENT", "SKIPPED", "Heartbeat", "Pass", "Stats",
+    "WorkerPool", "WorkerStartError", "close_connection",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +125,9 @@ class Pass:
         self._workers_left = workers
         self._lock = threading.Lock()
         self._in_flight: set[Claim] = set()
+        # The claims have a lock of their own, so that the heartbeat never
+        # waits for the pass's (held while the progress callback runs).
+        self._claims_lock = threading.Lock()
         self.workers = workers
         #: How many workers may take messages (the others wait).
         self.active = 1 if adaptive else workers
@@ -198,15 +206,15 @@ class Pass:
                 log.exception("the progress callback failed")
 
     def hold(self, claim: Claim) -> None:
-        with self._lock:
+        with self._claims_lock:
             self._in_flight.add(claim)
 
     def drop(self, claim: Claim) -> None:
-        with self._lock:
+        with self._claims_lock:
             self._in_flight.discard(claim)
 
     def renew_claims(self) -> None:
-        with self._lock:
+        with self._claims_lock:
             claims = list(self._in_flight)
         for claim in claims:
             claim.renew()
@@ -220,38 +228,166 @@ class Pass:
             self._on_finished()
 
 
+def close_connection(mailer: Any) -> None:
+    """Close the calling thread's connection of *mailer*, if the mailer
+    can (``close_connection()``, as :class:`~mailoutbox.mailer.SMTPMailer`
+    has); errors are logged."""
+    close = getattr(mailer, "close_connection", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("error while closing a connection of %r", mailer)
+
+
+class WorkerStartError(RuntimeError):
+    """The worker threads of a pass could not be started (the system's
+    limit of threads or memory: lower the concurrency)."""
+
+
+#: A task for every worker: close your connections (the lane is idle).
+IDLE = "idle"
+
+
 class WorkerPool:
     """Worker threads kept from pass to pass (so that each keeps its own
-    SMTP connection open while the queue is busy)."""
+    SMTP connection open while the queue is busy).
+
+    Each thread has its own queue of tasks, so that each takes part in
+    every pass and gets every :meth:`idle` request.  A worker thread is
+    the only one to use its connections, and the only one to close them
+    (``close_connection()`` of the mailers it used): when the lane goes
+    idle (:meth:`idle`) and when the pool ends (:meth:`close`).  So no
+    other thread ever waits for a relay to answer QUIT, and a connection
+    that another thread of the application opened through the same mailer
+    is never touched.
+
+    If a thread cannot be started, those already started are ended and
+    :class:`WorkerStartError` is raised.
+    """
 
     def __init__(self, count: int, work: Callable[[Pass], None],
                  name: str, label: str | None = None) -> None:
-        self._jobs: queue.SimpleQueue[Pass | None] = queue.SimpleQueue()
         self._work = work
+        self._queues: list[queue.SimpleQueue[Pass | str | None]] = []
+        self.threads: list[threading.Thread] = []
         suffix = "" if label is None else f"[{label}]"
-        self.threads = [
-            threading.Thread(target=self._loop, name=f"{name}-worker-{i}{suffix}",
-                             daemon=True)
-            for i in range(count)
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        for i in range(count):
+            tasks: queue.SimpleQueue[Pass | str | None] = queue.SimpleQueue()
             try:
-                self._work(job)
+                thread = threading.Thread(
+                    target=self._loop, args=(tasks,),
+                    name=f"{name}-worker-{i}{suffix}", daemon=True)
+                thread.start()
+            except Exception as exc:  # e.g. RuntimeError: can't start new thread
+                log.error("could not start the worker thread %d of %d of %s%s: %s",
+                          i + 1, count, name, suffix, exc)
+                self.close()
+                raise WorkerStartError(
+                    f"could not start worker thread {i + 1} of {count} of"
+                    f" {name}{suffix} ({exc}): lower the concurrency, or raise"
+                    " the limit of threads or memory of the process") from exc
+            self._queues.append(tasks)
+            self.threads.append(thread)
+
+    def _loop(self, tasks: queue.SimpleQueue[Pass | str | None]) -> None:
+        used: list[Any] = []  # the mailers this thread may hold connections of
+        while (task := tasks.get()) is not None:
+            if isinstance(task, str):  # IDLE
+                self._close_connections(used)
+                continue
+            if not any(task.mailer is mailer for mailer in used):
+                used.append(task.mailer)
+            try:
+                self._work(task)
             except BaseException:
                 log.exception("unexpected error in a queue worker thread")
             finally:
-                job.worker_done()
+                task.worker_done()
+        self._close_connections(used)
+
+    @staticmethod
+    def _close_connections(used: list[Any]) -> None:
+        for mailer in used:
+            close_connection(mailer)
+        used.clear()
 
     def submit(self, job: Pass) -> None:
-        for _thread in self.threads:
-            self._jobs.put(job)
+        """Every worker takes part in *job*."""
+        for tasks in self._queues:
+            tasks.put(job)
 
-    def close(self) -> None:
-        for _thread in self.threads:
-            self._jobs.put(None)
+    def idle(self) -> None:
+        """Every worker closes its connections once its tasks are done."""
+        for tasks in self._queues:
+            tasks.put(IDLE)
+
+    def close(self, wait: bool = True) -> None:
+        """End the threads after their tasks (each closes its connections
+        first); with *wait*, return once they have ended."""
+        for tasks in self._queues:
+            tasks.put(None)
+        if wait:
+            self.join()
+
+    def join(self) -> None:
         for thread in self.threads:
             thread.join()
+
+    def alive(self) -> bool:
+        return any(thread.is_alive() for thread in self.threads)
+
+
+class Heartbeat:
+    """Renews the claims of the passes in flight every *period* seconds.
+
+    It has a thread of its own that does nothing else: it never waits on
+    the network, on a relay or on another thread, so that the claim of a
+    message being sent is renewed however long other work takes (listing a
+    big queue, a relay that never answers QUIT) and no other processor
+    takes the message over while it is sent.  The thread starts with the
+    first pass registered (:meth:`add`), which raises if it cannot.
+    """
+
+    def __init__(self, period: float, name: str) -> None:
+        self.period = period
+        self.name = f"{name}-heartbeat"
+        self._passes: set[Pass] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add(self, job: Pass) -> None:
+        """Renew the claims of *job* from now on."""
+        with self._lock:
+            if self.thread is None:
+                thread = threading.Thread(target=self._loop, name=self.name,
+                                          daemon=True)
+                thread.start()
+                self.thread = thread
+            self._passes.add(job)
+
+    def discard(self, job: Pass) -> None:
+        with self._lock:
+            self._passes.discard(job)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            with self._lock:
+                jobs = list(self._passes)
+            for job in jobs:
+                try:
+                    job.renew_claims()
+                except Exception:
+                    log.exception("error while renewing the claims in %s",
+                                  job.maildir.path)
+
+    def close(self) -> None:
+        """End the thread (a later :meth:`add` starts a new one)."""
+        with self._lock:
+            thread, self.thread = self.thread, None
+            self._passes.clear()
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+            self._stop.clear()
