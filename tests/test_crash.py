@@ -70,10 +70,11 @@ def commit_and_die(queue, mode):
 def test_kill_between_vote_and_finish_leaves_only_tmp_files_never_sent(
         mode, queue_path, smtp_server):
     ids, state = commit_and_die(queue_path, mode)
-    # Killed after the queue's tpc_vote (3 fsynced files in tmp/), before
-    # its tpc_finish (nothing in new/).
+    # Killed after the queue's tpc_vote (3 fsynced files in tmp/, and the
+    # pending commit record), before its tpc_finish (nothing in new/).
     assert state["phase"] == mode
-    assert len(state["tmp"]) == 3 and state["new"] == []
+    assert len(state["tmp"]) == 4 and state["new"] == []
+    assert state["tmp"][0].startswith(".pending-")
     assert listing(queue_path, "tmp") == state["tmp"]
     assert queued(queue_path) == []
 
@@ -84,7 +85,7 @@ def test_kill_between_vote_and_finish_leaves_only_tmp_files_never_sent(
     maildir = Maildir(queue_path)
     assert maildir.cleanup(maildir.scan()) == 0  # too young to be removed
     later = time.time() + TMP_MAX_AGE + 1
-    assert maildir.cleanup(maildir.scan(), now=later) == 3
+    assert maildir.cleanup(maildir.scan(), now=later) == 4
     assert listing(queue_path, "tmp") == []
     assert drain(queue_path, smtp_server.port).total == 0
     assert smtp_server.messages == []
