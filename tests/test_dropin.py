@@ -5,8 +5,25 @@ from __future__ import annotations
 import os
 
 import pytest
+import transaction
+import zope.event
+from transaction.interfaces import ISavepointDataManager
+from zope.interface import implementer
+from zope.interface.verify import verifyClass
+from zope.interface.verify import verifyObject
 
+from mailoutbox import delivery as delivery_mod
+from mailoutbox import queue as queue_mod
+from mailoutbox.cli import zope_sendmail
+from mailoutbox.cli.zope_sendmail import ConsoleApp
+from mailoutbox.delivery import DirectDataManager
+from mailoutbox.delivery import DirectMailDelivery
+from mailoutbox.delivery import MailDataManager
+from mailoutbox.delivery import QueuedDataManager
+from mailoutbox.delivery import QueuedMailDelivery
 from mailoutbox.maildir import Maildir
+from mailoutbox.mailer import SMTPMailer
+from mailoutbox.queue import QueueProcessorThread
 
 
 def mode(path):
@@ -70,3 +87,362 @@ def test_open_without_create_names_the_path(tmp_path):
                        " it is not a mail queue"):
         Maildir(tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
+
+
+# -- zope.sendmail's names -----------------------------------------------------
+
+MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def tm():
+    manager = transaction.TransactionManager()
+    yield manager
+    manager.abort()
+
+
+@pytest.fixture
+def events():
+    received = []
+    zope.event.subscribers.append(received.append)
+    yield received
+    zope.event.subscribers.remove(received.append)
+
+
+class Mailer:
+    """A mailer that records what it is asked to do."""
+
+    def __init__(self):
+        self.calls = []
+
+    def vote(self, fromaddr, toaddrs, message):
+        self.calls.append("vote")
+
+    def send(self, fromaddr, toaddrs, message):
+        self.calls.append("send")
+
+    def abort(self):
+        self.calls.append("abort")
+
+
+def test_names_zope_sendmail_users_import():
+    from mailoutbox.delivery import AbstractMailDelivery
+    from mailoutbox.delivery import MailDataManager
+    from mailoutbox.delivery import QueueProcessorThread
+    from mailoutbox.queue import ConsoleApp
+    from mailoutbox.queue import run
+
+    assert QueueProcessorThread is queue_mod.QueueProcessorThread
+    assert issubclass(DirectMailDelivery, AbstractMailDelivery)
+    assert issubclass(QueuedMailDelivery, AbstractMailDelivery)
+    assert verifyClass(ISavepointDataManager, MailDataManager)
+    assert ConsoleApp is zope_sendmail.ConsoleApp and run is zope_sendmail.run
+    for module in (delivery_mod, queue_mod):
+        with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+            module.nothing  # noqa: B018
+
+
+def test_direct_create_data_manager(tm, events):
+    mailer = Mailer()
+    delivery = DirectMailDelivery(mailer, tm)
+    datamanager = delivery.createDataManager("a@x.org", ["b@x.org"], MESSAGE)
+    assert isinstance(datamanager, DirectDataManager)
+    assert not tm.get()._resources  # not joined
+    [message] = datamanager.messages
+    assert b"Message-Id: <%s>" % message.message_id.encode() in message.data
+    tm.get().join(datamanager)
+    tm.commit()
+    assert mailer.calls == ["vote", "send"]
+    assert [e.messageId for e in events] == [message.message_id]
+
+
+def test_queued_create_data_manager(queue_path, tm):
+    delivery = QueuedMailDelivery(queue_path, tm)
+    datamanager = delivery.createDataManager("a@x.org", ["b@x.org"], MESSAGE)
+    assert isinstance(datamanager, QueuedDataManager)
+    tm.get().join(datamanager)
+    tm.commit()
+    assert len(list(Maildir(queue_path))) == 1
+    with pytest.raises(ValueError, match="invalid address"):
+        delivery.createDataManager("a@x.org", ["not an address"], MESSAGE)
+
+
+def test_mail_data_manager_commit(tm, caplog):
+    calls = []
+    datamanager = MailDataManager(
+        lambda *args: calls.append(("finish", *args)), args=(1, 2),
+        vote=lambda *args: calls.append(("vote", *args)),
+        onAbort=lambda: calls.append(("abort",)))
+    assert verifyObject(ISavepointDataManager, datamanager)
+    assert datamanager.transaction_manager is transaction.manager
+    assert isinstance(datamanager.sortKey(), str)
+    assert "MailDataManager" in repr(datamanager)
+    tm.get().join(datamanager)
+    tm.savepoint().rollback()  # nothing to roll back
+    tm.commit()
+    assert calls == [("vote", 1, 2), ("finish", 1, 2)]
+    datamanager.beforeCompletion(None)
+    datamanager.afterCompletion(None)
+
+    def broken():
+        raise RuntimeError("cannot send")
+
+    tm.get().join(MailDataManager(broken))  # no vote, no onAbort
+    tm.commit()  # the failure is logged: the transaction committed
+    assert any("failed in tpc_finish" in r.getMessage() and r.exc_info
+               for r in caplog.records)
+
+
+def test_mail_data_manager_abort(tm):
+    calls = []
+    tm.get().join(MailDataManager(lambda: calls.append("finish"),
+                                  onAbort=lambda: calls.append("abort")))
+    tm.abort()
+    assert calls == ["abort"]
+    tm.get().join(MailDataManager(lambda: calls.append("finish")))
+    tm.abort()
+    assert calls == ["abort"]
+
+
+# -- old mailers -----------------------------------------------------------------
+
+class OldMailer:
+    """A mailer of zope.sendmail's early days: send() only."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, fromaddr, toaddrs, message):
+        self.sent.append(message)
+
+
+class NoneMailer(OldMailer):
+    vote = None
+    abort = None
+
+
+@pytest.mark.parametrize("kind", [OldMailer, NoneMailer])
+def test_mailer_without_vote_and_abort_warns_and_sends(tm, events, kind):
+    mailer = kind()
+    delivery = DirectMailDelivery(mailer, tm)
+    message_id = delivery.send("a@x.org", ["b@x.org"], MESSAGE)
+    with pytest.warns(DeprecationWarning, match="has no vote"):
+        tm.commit()
+    assert len(mailer.sent) == 1
+    assert [e.messageId for e in events] == [message_id]
+
+
+def test_mailer_without_abort_when_another_resource_fails(tm, events):
+    mailer = OldMailer()
+    DirectMailDelivery(mailer, tm).send("a@x.org", ["b@x.org"], MESSAGE)
+
+    def fail(txn):
+        raise RuntimeError("the database cannot commit")
+
+    tm.get().join(_Failing(tm))
+    with pytest.warns(DeprecationWarning), \
+            pytest.raises(RuntimeError, match="cannot commit"):
+        tm.commit()
+    tm.abort()
+    assert mailer.sent == [] and events == []
+
+
+@implementer(ISavepointDataManager)
+class _Failing:
+    """A resource whose vote fails (sorted after the deliveries)."""
+
+    def __init__(self, tm):
+        self.transaction_manager = tm
+
+    def sortKey(self):
+        return "~failing"
+
+    def tpc_vote(self, txn):
+        raise RuntimeError("the database cannot commit")
+
+    def abort(self, txn):
+        pass
+
+    tpc_begin = commit = tpc_abort = tpc_finish = abort
+
+    def savepoint(self):
+        return transaction._transaction.NoRollbackSavepoint(self)
+
+
+# -- another IMaildir for the processor -----------------------------------------
+
+def test_processor_accepts_zope_sendmails_maildir(queue_path, smtp_server, tm):
+    from zope.sendmail.maildir import Maildir as ZopeMaildir
+
+    QueuedMailDelivery(queue_path, tm).send("a@x.org", ["b@x.org"], MESSAGE)
+    tm.commit()
+    processor = QueueProcessorThread()
+    processor.setMailer(SMTPMailer(smtp_server.host, smtp_server.port,
+                                   no_tls=True))
+    processor.setMaildir(ZopeMaildir(queue_path))
+    assert isinstance(processor.maildir, Maildir)
+    assert processor.queuePath == queue_path
+    try:
+        assert processor.process_queue().sent == 1
+    finally:
+        processor.stop(timeout=10)
+    assert len(smtp_server.messages) == 1
+    ours = Maildir(queue_path)
+    processor.setMaildir(ours)
+    assert processor.maildir is ours
+
+
+def test_processor_refuses_a_maildir_without_a_path():
+    class Pathless:
+        def __iter__(self):
+            return iter([])
+
+        def newMessage(self):
+            raise NotImplementedError
+
+    with pytest.raises(TypeError, match="has no path to open one at"):
+        QueueProcessorThread().setMaildir(Pathless())
+
+
+# -- abort hooks ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("hook", ["addAfterAbortHook", "addBeforeAbortHook"])
+def test_send_while_aborting_raises(queue_path, tm, hook):
+    delivery = QueuedMailDelivery(queue_path, tm)
+    outcome = []
+
+    def send():
+        try:
+            outcome.append(delivery.send("a@x.org", ["b@x.org"], MESSAGE))
+        except ValueError as exc:
+            outcome.append(exc)
+
+    getattr(tm.get(), hook)(send)
+    tm.abort()
+    [error] = outcome
+    assert isinstance(error, ValueError)
+    assert "the transaction is being aborted" in str(error)
+    assert "after abort() returned" in str(error)
+    assert not os.path.exists(os.path.join(queue_path, "new"))
+
+
+# -- events -----------------------------------------------------------------------
+
+def test_subscriber_committing_again_gets_each_event_once(tm, events):
+    mailer = Mailer()
+    delivery = DirectMailDelivery(mailer, tm)
+    seen = []
+
+    def subscriber(event):
+        seen.append(event.messageId)
+        tm.commit()  # the completed transaction, again
+
+    zope.event.subscribers.append(subscriber)
+    try:
+        ids = [delivery.send("a@x.org", ["b@x.org"], MESSAGE) for _ in range(2)]
+        tm.commit()
+    finally:
+        zope.event.subscribers.remove(subscriber)
+    assert seen == ids
+    assert [e.messageId for e in events] == ids
+    assert mailer.calls == ["vote", "send", "send"]
+
+
+# -- zope-sendmail's console application -------------------------------------------
+
+def test_console_app_options(queue_path):
+    app = ConsoleApp(["zope-sendmail", queue_path])
+    assert (app.script_name, app.queue_path, app.daemon, app.interval) \
+        == ("zope-sendmail", queue_path, False, 3)
+    assert (app.hostname, app.port, app.username, app.password) \
+        == ("localhost", 25, None, None)
+    assert not app.force_tls and not app.no_tls
+    assert isinstance(app.mailer, SMTPMailer)
+    app = ConsoleApp(["zope-sendmail", "--daemon", "--interval", "7",
+                      "--hostname", "foo", "--port", "75", "--username",
+                      "chris", "--password", "rossi", "--force-tls", queue_path],
+                     verbose=False)
+    assert (app.daemon, app.interval, app.hostname, app.port) \
+        == (True, 7, "foo", 75)
+    assert (app.username, app.password, app.force_tls) == ("chris", "rossi", True)
+    assert app.settings.concurrency == queue_mod.DEFAULT_CONCURRENCY
+
+
+def test_console_app_ini(tmp_path):
+    ini = tmp_path / "zope-sendmail.ini"
+    ini.write_text("[app:zope-sendmail]\ninterval = 33\nhostname = testhost\n"
+                   "port = 2525\nusername = Chris\npassword = Rossi\n"
+                   "force_tls = False\nno_tls = True\n"
+                   "queue_path = hammer/dont/hurt/em\n")
+    app = ConsoleApp(["zope-sendmail", "--config", str(ini)])
+    assert (app.queue_path, app.interval, app.hostname, app.port) \
+        == ("hammer/dont/hurt/em", 33, "testhost", 2525)
+    assert (app.username, app.password, app.no_tls) == ("Chris", "Rossi", True)
+    # unlike zope.sendmail, the command line wins
+    app = ConsoleApp(["zope-sendmail", "--config", str(ini), "--port", "26",
+                      str(tmp_path)])
+    assert (app.queue_path, app.port) == (str(tmp_path), 26)
+
+
+@pytest.mark.parametrize("argv, error", [
+    ([], "please specify the queue path"),
+    (["--username", "chris", "Q"], "a username and a password must be given"),
+    (["--force-tls", "--no-tls", "Q"], "--no-tls: not allowed with argument"),
+    (["Q", "another-one"], "unrecognized arguments"),
+    (["--config", "/nonexistent.ini"], "cannot read the configuration file"),
+])
+def test_console_app_bad_options(capsys, argv, error):
+    with pytest.raises(SystemExit) as info:
+        ConsoleApp(["sendmail", *argv])
+    assert info.value.code == 2
+    assert error in capsys.readouterr().err
+
+
+def test_console_app_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        ConsoleApp(["prog", "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: prog ")
+
+
+def test_console_app_sends_with_mailoutbox_run(queue_path, smtp_server, tm,
+                                               capsys):
+    QueuedMailDelivery(queue_path, tm).send("a@x.org", ["b@x.org"], MESSAGE)
+    tm.commit()
+    argv = ["zope-sendmail", "--hostname", smtp_server.host, "--port",
+            str(smtp_server.port), "--no-tls", queue_path]
+    assert zope_sendmail.run(argv) == 0
+    assert len(smtp_server.messages) == 1
+    assert "sent 1, deferred 0, failed 0" in capsys.readouterr().out
+
+
+def test_console_app_with_other_kinds(queue_path):
+    calls = []
+
+    class Mailer:
+        def __init__(self, *args):
+            calls.append(("mailer", args))
+
+    class Processor:
+        def __init__(self, interval):
+            calls.append(("processor", interval))
+
+        def setMailer(self, mailer):
+            calls.append(("setMailer", type(mailer).__name__))
+
+        def setQueuePath(self, path):
+            calls.append(("setQueuePath", path))
+
+        def run(self, forever):
+            calls.append(("run", forever))
+
+    class App(ConsoleApp):
+        QueueProcessorKind = Processor
+        MailerKind = Mailer
+
+    assert App(["zs", "--interval", "2", queue_path]).main() == 0
+    assert calls == [
+        ("mailer", ("localhost", 25, None, None, False, False)),
+        ("processor", 2.0), ("setMailer", "Mailer"),
+        ("setQueuePath", queue_path), ("run", False),
+    ]

@@ -131,16 +131,20 @@ class AbstractMailDelivery:
             # The first message, or the data manager joined after a
             # savepoint that was rolled back (which unjoined it).
             datamanager = self.datamanager_factory(self, manager)
+            if _aborting(txn):
+                raise ValueError(
+                    f"cannot send message <{message_id}>: the transaction is"
+                    " being aborted (send() was called by an abort hook or a"
+                    " data manager's abort()); send it after abort() returned,"
+                    " or in a transaction of another transaction manager"
+                )
             try:
-                if _aborting(txn):
-                    raise ValueError("the transaction is being aborted")
                 txn.join(datamanager)
             except ValueError as exc:
                 raise ValueError(
                     f"cannot send message <{message_id}>: {exc}; in an"
-                    " after-commit or abort hook or an event subscriber,"
-                    " begin a new transaction first (with"
-                    " transaction_manager: ...)"
+                    " after-commit hook or an event subscriber, begin a new"
+                    " transaction first (with transaction_manager: ...)"
                 ) from exc
             txn.set_data(self, datamanager)
         datamanager.messages.append(prepared)
