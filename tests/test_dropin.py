@@ -2,6 +2,8 @@
 zope.sendmail's users import, and its behaviours with old components."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import pytest
@@ -12,8 +14,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyClass
 from zope.interface.verify import verifyObject
 
+from mailoutbox import _commit as commit_mod
 from mailoutbox import delivery as delivery_mod
 from mailoutbox import queue as queue_mod
+from mailoutbox._commit import roll_forward
 from mailoutbox.cli import zope_sendmail
 from mailoutbox.cli.zope_sendmail import ConsoleApp
 from mailoutbox.delivery import DirectDataManager
@@ -446,3 +450,177 @@ def test_console_app_with_other_kinds(queue_path):
         ("processor", 2.0), ("setMailer", "Mailer"),
         ("setQueuePath", queue_path), ("run", False),
     ]
+
+
+# -- commit records (mailoutbox._commit) ------------------------------------------
+
+def record_files(maildir, prefix="."):
+    return [n for n in os.listdir(maildir.tmp) if n.startswith(prefix)]
+
+
+def write_record(maildir, files, name=".committed-test"):
+    path = os.path.join(maildir.tmp, name)
+    with open(path, "w") as f:
+        f.write(files if isinstance(files, str) else json.dumps({"files": files}))
+    return path
+
+
+def put_in_tmp(maildir, name):
+    with open(os.path.join(maildir.tmp, name), "wb") as f:
+        f.write(b"X-Zope-From: a@x.org\nX-Zope-To: b@x.org\n\n" + MESSAGE)
+
+
+def test_roll_forward(queue_path, caplog):
+    maildir = Maildir(queue_path, create=True)
+    put_in_tmp(maildir, "1.a")
+    write_record(maildir, [["tmp/1.a", "new/1.a", "a@x"],
+                           ["tmp/1.b", "new/1.b", "b@x"]])  # 1.b moved already
+    assert roll_forward(maildir) == 1
+    assert os.listdir(maildir.new) == ["1.a"] and os.listdir(maildir.tmp) == []
+    assert any("queued message a@x as" in r.getMessage() for r in caplog.records)
+    assert roll_forward(maildir) == 0
+
+
+@pytest.mark.parametrize("files", [
+    [["tmp/../../x", "new/x", "a@x"]],
+    [["../tmp/x", "../new/x", "a@x"]],
+    [["/abs/tmp/x", "/abs/new/x", "a@x"]],
+    [["tmp/x", "new/y", "a@x"]],
+    [["tmp/x", "cur/x", "a@x"]],
+    [["cur/x", "new/x", "a@x"]],
+    [["tmp/.pending-x", "new/.pending-x", "a@x"]],
+    [["relays/a/tmp/x", "relays/b/new/x", "a@x"]],
+    "not json",
+    [["tmp/x", "new/x"]],
+])
+def test_roll_forward_refuses_a_bad_record(queue_path, caplog, files):
+    maildir = Maildir(queue_path, create=True)
+    put_in_tmp(maildir, "x")
+    record = write_record(maildir, files)
+    assert roll_forward(maildir) == 0
+    assert os.path.exists(record)  # left for the 36-hour clean-up
+    assert os.listdir(maildir.new) == []
+    assert any("could not roll the commit record" in r.getMessage()
+               and r.exc_info for r in caplog.records)
+
+
+def test_roll_forward_relay_files_and_vanished_records(queue_path):
+    maildir = Maildir(queue_path, create=True)
+    os.mkdir(os.path.join(queue_path, "relays"))
+    relay = Maildir(os.path.join(queue_path, "relays", "crm"), create=True)
+    put_in_tmp(relay, "r")
+    write_record(maildir, [["relays/crm/tmp/r", "relays/crm/new/r", "r@x"]])
+    # a record whose transaction finished between the listing and the reading
+    os.symlink(os.path.join(maildir.tmp, "gone"),
+               os.path.join(maildir.tmp, ".committed-gone"))
+    assert roll_forward(maildir) == 1
+    assert os.listdir(relay.new) == ["r"]
+    assert record_files(maildir) == [".committed-gone"]
+
+
+def test_roll_forward_without_a_queue(tmp_path, caplog):
+    maildir = Maildir(tmp_path / "q", create=True)
+    os.rmdir(maildir.tmp)
+    assert roll_forward(maildir) == 0
+    with open(maildir.tmp, "w"):  # a file where tmp/ should be
+        pass
+    assert roll_forward(maildir) == 0
+    assert any("could not list" in r.getMessage() for r in caplog.records)
+
+
+def test_commit_record_that_cannot_be_written_leaves_nothing(queue_path, tm):
+    delivery = QueuedMailDelivery(queue_path, tm, mailers=["crm"])
+    delivery.send("a@x.org", ["b@x.org"], MESSAGE)
+    ids = [delivery.send("a@x.org", ["b@x.org"], MESSAGE, mailer="crm")]
+    relay_tmp = delivery.maildir("crm").tmp
+
+    def remove_relay_tmp(maildir, *args):
+        # the relay's tmp/ disappears before the record's fsyncs
+        for name in os.listdir(relay_tmp):
+            os.unlink(os.path.join(relay_tmp, name))
+        os.rmdir(relay_tmp)
+        return real_init(maildir, *args)
+
+    real_init = commit_mod.CommitRecord.__init__
+    commit_mod.CommitRecord.__init__ = remove_relay_tmp
+    try:
+        with pytest.raises(OSError, match=f"could not queue message <.*{ids[0]}"):
+            tm.commit()
+    finally:
+        commit_mod.CommitRecord.__init__ = real_init
+    tm.abort()
+    assert os.listdir(os.path.join(queue_path, "tmp")) == []
+    assert list(Maildir(queue_path)) == []
+
+
+def test_commit_record_lost_before_finish(queue_path, tm, caplog):
+    """The pending record vanished: the messages are queued all the same."""
+    delivery = QueuedMailDelivery(queue_path, tm)
+    for _ in range(2):
+        delivery.send("a@x.org", ["b@x.org"], MESSAGE)
+    tmp = os.path.join(queue_path, "tmp")
+    tm.get().join(Hook(tm, on_vote=lambda: [
+        os.unlink(os.path.join(tmp, n)) for n in os.listdir(tmp)
+        if n.startswith(".pending-")]))
+    tm.commit()
+    assert len(list(Maildir(queue_path))) == 2
+    assert os.listdir(tmp) == []
+    assert any("could not commit the record" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_finish_after_a_processor_rolled_forward(queue_path, tm, caplog):
+    """A processor's roll_forward() moved a file first: no alarm."""
+    delivery = QueuedMailDelivery(queue_path, tm)
+    for _ in range(2):
+        delivery.send("a@x.org", ["b@x.org"], MESSAGE)
+    tmp = os.path.join(queue_path, "tmp")
+
+    def move_one():
+        name = sorted(n for n in os.listdir(tmp) if not n.startswith("."))[0]
+        os.rename(os.path.join(tmp, name), os.path.join(queue_path, "new", name))
+
+    tm.get().join(Hook(tm, on_vote=move_one))
+    caplog.set_level(logging.INFO, "mailoutbox")
+    tm.commit()
+    assert len(list(Maildir(queue_path))) == 2
+    assert os.listdir(tmp) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_rename_failing_in_finish_keeps_the_committed_record(queue_path, tm,
+                                                             caplog):
+    delivery = QueuedMailDelivery(queue_path, tm)
+    for _ in range(2):
+        delivery.send("a@x.org", ["b@x.org"], MESSAGE)
+    tmp = os.path.join(queue_path, "tmp")
+
+    def block_one():  # a directory in new/ where a message should go
+        name = sorted(n for n in os.listdir(tmp) if not n.startswith("."))[0]
+        os.mkdir(os.path.join(queue_path, "new", name))
+        os.mkdir(os.path.join(queue_path, "new", name, "x"))
+
+    tm.get().join(Hook(tm, on_vote=block_one))
+    tm.commit()
+    assert any("the queue processor will try again" in r.getMessage()
+               for r in caplog.records)
+    maildir = Maildir(queue_path)
+    assert len(record_files(maildir, ".committed-")) == 1
+    blocked = next(n for n in os.listdir(maildir.new)
+               if os.path.isdir(os.path.join(maildir.new, n)))
+    os.rmdir(os.path.join(maildir.new, blocked, "x"))
+    os.rmdir(os.path.join(maildir.new, blocked))
+    assert roll_forward(maildir) == 1
+    assert len(list(maildir)) == 2 and os.listdir(tmp) == []
+
+
+@implementer(ISavepointDataManager)
+class Hook(_Failing):
+    """A resource sorted after the deliveries that runs *on_vote*."""
+
+    def __init__(self, tm, on_vote):
+        self.transaction_manager = tm
+        self.on_vote = on_vote
+
+    def tpc_vote(self, txn):
+        self.on_vote()

@@ -50,17 +50,18 @@ class CommitRecord:
     """The record of the message files one transaction moves into ``new/``."""
 
     def __init__(self, queue: Maildir,
-                 writers: Sequence[MaildirMessageWriter]) -> None:
+                 writers: Sequence[tuple[str, MaildirMessageWriter]]) -> None:
         """Write and fsync the pending record in ``tmp/`` of *queue*, and
-        fsync the ``tmp/`` folders of *writers* (so that their files are
-        there after a power loss)."""
+        fsync the ``tmp/`` folders of *writers* (``(Message-Id, writer)``
+        pairs), so that their files are there after a power loss."""
         name = secrets.token_hex(12)
         self.pending = os.path.join(queue.tmp, PENDING_PREFIX + name)
         self.committed = os.path.join(queue.tmp, COMMITTED_PREFIX + name)
         self.queue = queue
         root = queue.path
         files = [[os.path.relpath(w.tmp_path, root),
-                  os.path.relpath(w.new_path, root)] for w in writers]
+                  os.path.relpath(w.new_path, root), message_id]
+                 for message_id, w in writers]
         data = json.dumps({"files": files}).encode()
         fd = os.open(self.pending,
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, FILE_MODE)
@@ -69,7 +70,7 @@ class CommitRecord:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            for folder in sorted({w.maildir.tmp for w in writers} | {queue.tmp}):
+            for folder in sorted({w.maildir.tmp for _i, w in writers} | {queue.tmp}):
                 fsync_dir(folder)
         except BaseException:
             unlink(self.pending)
@@ -107,6 +108,8 @@ def roll_forward(maildir: Maildir) -> int:
     try:
         with os.scandir(maildir.tmp) as it:
             records = [d.path for d in it if d.name.startswith(COMMITTED_PREFIX)]
+    except FileNotFoundError:
+        return 0  # no queue (yet)
     except OSError:
         log.exception("could not list %s for commit records", maildir.tmp)
         return 0
@@ -115,7 +118,7 @@ def roll_forward(maildir: Maildir) -> int:
             with open(record, "rb") as f:
                 files = json.loads(f.read())["files"]
             folders = set()
-            for tmp_name, new_name in files:
+            for tmp_name, new_name, message_id in files:
                 _check(tmp_name, new_name)
                 source = os.path.join(maildir.path, tmp_name)
                 target = os.path.join(maildir.path, new_name)
@@ -125,8 +128,9 @@ def roll_forward(maildir: Maildir) -> int:
                     continue  # moved already (before the crash, or meanwhile)
                 folders.add(os.path.dirname(target))
                 moved += 1
-                log.warning("queued %s, committed by a transaction that"
-                            " crashed before queueing it", target)
+                log.warning("queued message %s as %s: its transaction"
+                            " committed, then crashed before queueing it",
+                            message_id, target)
             for folder in sorted(folders):
                 fsync_dir(folder)
             unlink(record)

@@ -182,8 +182,8 @@ class QueuedDataManager(_DataManager):
                 writer.sync()
             if len(self.writers) > 1:
                 message_id = ", ".join(i for i, _w in self.writers)
-                self.record = CommitRecord(
-                    self.delivery.maildir(None), [w for _i, w in self.writers])
+                self.record = CommitRecord(self.delivery.maildir(None),
+                                           self.writers)
         except Exception as exc:
             log.error("could not queue message %s in %s", message_id, path,
                       exc_info=True)
