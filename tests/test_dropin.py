@@ -2,9 +2,11 @@
 zope.sendmail's users import, and its behaviours with old components."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import sys
 
 import pytest
 import transaction
@@ -624,3 +626,14 @@ class Hook(_Failing):
 
     def tpc_vote(self, txn):
         self.on_vote()
+
+
+@pytest.mark.parametrize("text", [True, False])
+def test_console_app_ini_from_stdin(monkeypatch, text):
+    ini = "[app:zope-sendmail]\nport = 2525\nqueue_path = q\n"
+    if text:  # a text stream without a buffer, as zope.sendmail's tests use
+        monkeypatch.setattr(sys, "stdin", io.StringIO(ini))
+    else:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(ini.encode())))
+    app = ConsoleApp(["sendmail", "--config", "-"])
+    assert (app.port, app.queue_path) == (2525, "q")

@@ -9,11 +9,13 @@ which takes the same options and ``--config`` file, and more (see
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+from typing import BinaryIO
 
 from mailoutbox.cli import main as mailoutbox_main
 from mailoutbox.cli import run as run_command
@@ -40,6 +42,18 @@ class _OneCommand:
                    **kwargs: Any) -> argparse.ArgumentParser:
         self.parser = argparse.ArgumentParser(prog=self.prog, **kwargs)
         return self.parser
+
+
+class _Console(Console):
+    """Reads ``--config -`` from :data:`sys.stdin` even when it was replaced
+    by a text stream without a binary buffer (zope.sendmail's tests do)."""
+
+    @property
+    def stdin(self) -> BinaryIO:
+        buffer = getattr(sys.stdin, "buffer", None)
+        if buffer is not None:
+            return buffer
+        return io.BytesIO(sys.stdin.read().encode("utf-8"))
 
 
 class ConsoleApp:
@@ -70,7 +84,7 @@ class ConsoleApp:
         self.argv = argv
         self.script_name = argv[0]
         self.verbose = verbose
-        self.console = Console()
+        self.console = _Console()
         parser = self.parser = self.build_parser()
         args = parser.parse_args(argv[1:])
         try:
