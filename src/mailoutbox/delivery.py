@@ -7,6 +7,10 @@ in memory.  What the data managers do when the transaction commits is in
 :mod:`mailoutbox.datamanager`: :class:`QueuedMailDelivery` writes the
 messages into the queue, :class:`DirectMailDelivery` sends them through its
 mailer and reports each outcome as an event after the transaction completed.
+
+zope.sendmail's other names are here too: :class:`AbstractMailDelivery`
+(the deliveries' base class), :class:`MailDataManager` (its one-call data
+manager) and ``QueueProcessorThread`` (from :mod:`mailoutbox.queue`).
 """
 from __future__ import annotations
 
@@ -130,7 +134,6 @@ class AbstractMailDelivery:
         if datamanager is None or datamanager.state != _OPEN:
             # The first message, or the data manager joined after a
             # savepoint that was rolled back (which unjoined it).
-            datamanager = self.datamanager_factory(self, manager)
             if _aborting(txn):
                 raise ValueError(
                     f"cannot send message <{message_id}>: the transaction is"
@@ -138,6 +141,7 @@ class AbstractMailDelivery:
                     " data manager's abort()); send it after abort() returned,"
                     " or in a transaction of another transaction manager"
                 )
+            datamanager = self.datamanager_factory(self, manager)
             try:
                 txn.join(datamanager)
             except ValueError as exc:
@@ -250,7 +254,6 @@ class MailDataManager:
         pass
 
     afterCompletion = beforeCompletion
-
 
 
 @implementer(IQueuedMailDelivery)
