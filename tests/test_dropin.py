@@ -77,6 +77,12 @@ def test_create_refuses_a_file(tmp_path):
     assert path.read_text() == "not a queue"
 
 
+def test_create_under_a_file_raises_the_os_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        Maildir(tmp_path / "file" / "queue", create=True)
+
+
 @pytest.mark.parametrize("intruder", ["notes.txt", "new", "failed"])
 def test_create_refuses_a_directory_with_other_things(tmp_path, intruder):
     path = tmp_path / "project"

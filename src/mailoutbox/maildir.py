@@ -177,6 +177,8 @@ class Maildir:
         except FileNotFoundError:
             return ""
         except NotADirectoryError:
+            if not os.path.lexists(self.path):
+                return ""  # a parent is a file: os.mkdir() raises the error
             return "it is a file, not a mail queue; nothing was created"
         for name in names:
             if name not in ("tmp", "new", "cur", FAILED, "relays") or not is_folder(
