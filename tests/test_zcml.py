@@ -273,6 +273,32 @@ def test_invalid_retry_policy(queue_path):
         )
 
 
+@pytest.mark.parametrize(("attributes", "message"), [
+    ('interval="0"', "mail:queuedDelivery interval: must be a positive number"),
+    ('interval="nan"', "mail:queuedDelivery interval: must be a positive number"),
+    ('lease="nan"', "mail:queuedDelivery lease: must be a positive number"),
+    ('interval="-1"', "interval"),  # refused by the schema
+])
+def test_invalid_processor_durations(queue_path, attributes, message):
+    """Refused when the configuration is read, naming the attribute; no
+    thread is started."""
+    with pytest.raises(ConfigurationError, match=message):
+        load(
+            '<mail:smtpMailer name="smtp" />'
+            f'<mail:queuedDelivery mailer="smtp" queuePath="{queue_path}"'
+            f" {attributes} />"
+        )
+    assert processor_threads() == {}
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "inf"])
+def test_invalid_mailer_timeout(value):
+    with pytest.raises(ConfigurationError, match=(
+        "mail:smtpMailer 'smtp' timeout: must be a positive number of seconds"
+    )):
+        load(f'<mail:smtpMailer name="smtp" timeout="{value}" />')
+
+
 def test_without_processor_thread_the_message_stays_queued(smtp_server, queue_path):
     load(
         mailer_zcml(smtp_server)
