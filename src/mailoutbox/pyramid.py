@@ -122,7 +122,8 @@ class MailSettings:
         Raises :class:`pyramid.exceptions.ConfigurationError`, naming the
         setting, for a value that is not valid: a port outside 1-65535, a
         ``timeout`` or ``interval`` that is not a positive number of
-        seconds, a ``concurrency`` below 1; logs a warning for a setting it does not use.
+        seconds, a ``concurrency`` below 1; logs a warning for a setting it
+        does not use.
         """
         given = {
             key[len(prefix):]: value

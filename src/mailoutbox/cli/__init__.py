@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 
 from mailoutbox.cli.console import Console
+from mailoutbox.cli.errors import EXIT_BROKEN_PIPE
 from mailoutbox.cli.errors import EXIT_ERROR
 from mailoutbox.cli.errors import EXIT_INTERRUPTED
 from mailoutbox.cli.errors import EXIT_NOT_FOUND
@@ -23,6 +25,7 @@ from mailoutbox.cli.errors import EXIT_USAGE
 from mailoutbox.cli.errors import CLIError
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
@@ -47,7 +50,8 @@ and look after the queue: count, list, show, retry and purge messages.
 EPILOG = """\
 exit status: 0 success; 1 'run' could not send every message in the pass;
 2 usage or configuration error; 3 no such message; 4 operating system error,
-missing dependency or unexpected error; 130 interrupted.
+missing dependency or unexpected error; 130 interrupted; 141 the reader of
+the output went away (e.g. '| head').
 """
 
 
@@ -106,10 +110,12 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if self.tracebacks or not record.exc_info:
             return super().format(record)
-        # What format() does, less the traceback.
+        # What format() does, with the exception in one line instead of
+        # its traceback.
         record.message = record.getMessage()
         record.asctime = self.formatTime(record, self.datefmt)
-        return self.formatMessage(record)
+        exc = record.exc_info[1]
+        return f"{self.formatMessage(record)} ({type(exc).__name__}: {exc})"
 
 
 def _configure_logging(console: Console, verbosity: int,
@@ -158,6 +164,11 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     except KeyboardInterrupt:
         console.error("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away ("mailoutbox list | head -1"): stop quietly,
+        # as a Unix tool that SIGPIPE ends does.
+        _silence(console)
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         console.error(_describe_os_error(exc))
         return EXIT_ERROR
@@ -182,6 +193,20 @@ def _parse(parser: argparse.ArgumentParser,
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     return args
+
+
+def _silence(console: Console) -> None:
+    """Point the file descriptors of the console's streams whose reader is
+    gone at /dev/null, so that flushing them at exit raises nothing."""
+    for stream in (console.stdout, console.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
 
 
 def _describe_os_error(exc: OSError) -> str:
