@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from webtest import TestApp
@@ -98,3 +102,41 @@ def test_default_configuration(mailapp):
     assert delivery.mailer is registry.getUtility(IMailer, "relay")
     assert (delivery.mailer.hostname, delivery.mailer.port) == ("localhost", 25)
     assert processor_threads() == {}
+
+
+# -- the README's "Using it" snippet ---------------------------------------------
+
+
+def readme_snippet() -> str:
+    readme = Path(__file__).resolve().parent.parent / "README.rst"
+    section = readme.read_text().split("\nUsing it\n", 1)[1]
+    block = section.split(".. code-block:: python\n", 1)[1]
+    lines = []
+    for line in block.splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return textwrap.dedent("\n".join(lines))
+
+
+def test_the_readme_snippet_runs_as_a_script(tls_server, certificates, tmp_path):
+    """Run as it is, but for the queue's path and the relay's address (and
+    the authority of the test relay's certificate): the message arrives
+    before the script ends."""
+    code = readme_snippet()
+    code = code.replace("/var/spool/myapp/mailqueue", str(tmp_path / "queue"))
+    relay = 'SMTPMailer("smtp.example.org", 587, force_tls=True)'
+    assert relay in code
+    code = code.replace(relay, (
+        f'SMTPMailer("{tls_server.host}", {tls_server.port}, force_tls=True,'
+        f' ca_file={certificates.ca_file!r})'
+    ))
+    script = tmp_path / "using_it.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"sent 1, deferred 0, failed 0\n"
+    (received,) = tls_server.messages
+    assert received.rcpt_tos == ["jane@example.org"]
+    assert received.message["Subject"] == "Welcome"
