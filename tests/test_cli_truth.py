@@ -138,6 +138,19 @@ def test_run_refuses_a_folder_that_is_not_a_queue(tmp_path):
     assert tree(photos) == before
 
 
+def test_read_commands_refuse_a_folder_that_is_not_a_queue(tmp_path):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for name in ("tmp", "new", "cur"):
+        (odd / name).write_text("files, not folders")
+    done = in_process("status", str(odd))
+    assert done.returncode == mailoutbox.cli.errors.EXIT_USAGE
+    assert done.stderr.decode() == (
+        f"mailoutbox: error: {odd} is not a mail queue (a Maildir folder with"
+        " tmp, new and cur)\n"
+    )
+
+
 def test_run_refuses_a_file(tmp_path):
     path = tmp_path / "queue"
     path.write_text("not a queue")
@@ -360,6 +373,20 @@ def test_a_reader_that_goes_away(tmp_path, argv):
     assert done.stderr == b""
 
 
+class GoneReader(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_reader_that_goes_away_in_process(tmp_path):
+    """main() called by a program, on a stream that is not a file."""
+    queue = str(tmp_path / "queue")
+    fill(queue, 1)
+    err = io.StringIO()
+    code = main(["list", queue], Console(GoneReader(), err))
+    assert (code, err.getvalue()) == (mailoutbox.cli.errors.EXIT_BROKEN_PIPE, "")
+
+
 def test_head_one_in_a_shell(tmp_path):
     """The pipe as people type it; whether the command still writes when
     head has gone depends on timing, so either way it must be quiet."""
@@ -476,16 +503,16 @@ def test_the_config_sections_the_docs_name_are_those_read(tmp_path):
     assert named == ["app:zope-sendmail", "mailoutbox", "mailoutbox:relay NAME"]
     assert "Three kinds of sections are read" in section
     ini = tmp_path / "mail.ini"
-    for name in named:
+    for name, run in zip(named, (python_m, in_process, in_process), strict=True):
         first = "" if name == "mailoutbox" else "[mailoutbox]\n"
         ini.write_text(f"{first}[{name.replace('NAME', 'crm')}]\nport = 0\n")
-        done = python_m("run", str(tmp_path / "queue"), "--config", str(ini))
+        done = run("run", str(tmp_path / "queue"), "--config", str(ini))
         assert done.returncode == 2
         assert b"port: invalid port '0'" in done.stderr
     ini.write_text("[mailoutbox]\n[mailoutbox:relays crm]\n")
-    done = python_m("run", str(tmp_path / "queue"), "--config", str(ini))
+    done = in_process("run", str(tmp_path / "queue"), "--config", str(ini))
     assert done.returncode == 2
     assert b"unknown section [mailoutbox:relays crm]" in done.stderr
     ini.write_text("[mailoutbox]\n[app:main]\nuse = egg:shop\n")
-    done = python_m("status", str(tmp_path / "missing"), "--config", str(ini))
+    done = in_process("status", str(tmp_path / "missing"), "--config", str(ini))
     assert b"no queue at" in done.stderr  # the other section was ignored

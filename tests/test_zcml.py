@@ -294,6 +294,15 @@ def test_invalid_processor_durations(queue_path, attributes, message):
     assert processor_threads() == {}
 
 
+def test_invalid_relay_names(queue_path):
+    with pytest.raises(ConfigurationError, match="mail:queuedDelivery mailers:"):
+        load(
+            '<mail:smtpMailer name="smtp" />'
+            f'<mail:queuedDelivery mailer="smtp" queuePath="{queue_path}"'
+            f' mailers="{"x" * 300}" />'
+        )
+
+
 @pytest.mark.parametrize("value", ["0", "nan", "inf"])
 def test_invalid_mailer_timeout(value):
     with pytest.raises(ConfigurationError, match=(

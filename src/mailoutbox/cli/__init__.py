@@ -196,17 +196,16 @@ def _parse(parser: argparse.ArgumentParser,
 
 
 def _silence(console: Console) -> None:
-    """Point the file descriptors of the console's streams whose reader is
-    gone at /dev/null, so that flushing them at exit raises nothing."""
-    for stream in (console.stdout, console.stderr):
-        try:
-            stream.flush()
-        except BrokenPipeError:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+    """Point the file descriptor of the console's output, whose reader is
+    gone, at /dev/null, so that nothing fails again when the interpreter
+    flushes it at exit."""
+    try:
+        fd = console.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a file: nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _describe_os_error(exc: OSError) -> str:
