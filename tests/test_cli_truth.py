@@ -516,3 +516,30 @@ def test_the_config_sections_the_docs_name_are_those_read(tmp_path):
     ini.write_text("[mailoutbox]\n[app:main]\nuse = egg:shop\n")
     done = in_process("status", str(tmp_path / "missing"), "--config", str(ini))
     assert b"no queue at" in done.stderr  # the other section was ignored
+
+
+def test_an_empty_value_or_none_leaves_a_setting_unset(tmp_path, smtp_server):
+    """As docs/cli.rst says, for every kind of key: the value of the section
+    below, or the default, stays."""
+    text = (DOCS / "cli.rst").read_text()
+    assert "* An empty value, or ``None``, leaves a setting unset." in text
+    queue = tmp_path / "queue"
+    fill(str(queue), 1)
+    ini = tmp_path / "mail.ini"
+    ini.write_text(textwrap.dedent(f"""\
+        [app:zope-sendmail]
+        hostname = {smtp_server.host}
+        port = {smtp_server.port}
+        queue_path = {queue}
+
+        [mailoutbox]
+        port =
+        interval = None
+        force_tls =
+        timeout = None
+        concurrency =
+        username = None
+        """))
+    done = in_process("run", "--config", str(ini))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(b"sent 1, deferred 0, failed 0")
