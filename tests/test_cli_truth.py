@@ -543,3 +543,29 @@ def test_an_empty_value_or_none_leaves_a_setting_unset(tmp_path, smtp_server):
     done = in_process("run", "--config", str(ini))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(b"sent 1, deferred 0, failed 0")
+
+
+def test_the_json_keys_are_those_documented(tmp_path):
+    text = (DOCS / "cli.rst").read_text()
+    part = text.split("``status --json`` prints one JSON object", 1)[1]
+    status_part, list_part = part.split("``list --json`` prints", 1)
+    documented = set()
+    for line in status_part.splitlines():
+        if line.startswith("``"):
+            documented.update(re.findall(r"``(\w+)``", line))
+    list_part = list_part.split("\n\n", 1)[0]
+    list_keys = set(re.findall(r"``(\w+)``", list_part))
+    queue = str(tmp_path / "queue")
+    fill(queue, 1)
+    sent = in_process("send", queue, "--relay", "crm", "--from", "a@example.org",
+                      "--to", "b@example.org", "--subject", "s", "--body", "b")
+    assert sent.returncode == 0, sent.stderr
+    data = json.loads(python_m("status", queue, "--json").stdout)
+    assert set(data) == documented
+    assert set(data["relays"]["crm"]) == documented - {
+        "version", "queue", "time", "relays"}
+    data = json.loads(in_process("list", queue, "--json").stdout)
+    found = {"version", "queue", "time", "messages"}
+    for message in data["messages"]:
+        found.update(message)
+    assert found == list_keys - {"null"}
