@@ -333,10 +333,9 @@ def test_run_on_messages_it_may_not_touch(private_queue, smtp_server):
     assert "Traceback" not in err
     lines = err.splitlines()
     assert len(lines) == 2, err
-    assert lines[0].endswith(
-        f"ERROR mailoutbox.queue: unexpected error while processing"
-        f" {queue / 'new' / name} (PermissionError: [Errno 13] Permission denied)"
-    )
+    assert " ERROR mailoutbox." in lines[0]
+    assert str(queue / "new" / name) in lines[0]
+    assert lines[0].endswith("(PermissionError: [Errno 13] Permission denied)")
     assert lines[1] == (
         "mailoutbox: error: 1 error(s) while processing the queue: some messages"
         " could not be handled and were left in it (see the log lines above;"
