@@ -118,12 +118,12 @@ class _Formatter(logging.Formatter):
         return f"{self.formatMessage(record)} ({type(exc).__name__}: {exc})"
 
 
-def _configure_logging(console: Console, verbosity: int,
-                       tracebacks: bool) -> logging.Handler:
-    """Send mailoutbox's log records to the console's stderr."""
+def _configure_logging(console: Console, verbosity: int) -> logging.Handler:
+    """Send mailoutbox's log records to the console's stderr (with
+    tracebacks from ``-vv`` on)."""
     level = _LEVELS[max(-2, min(2, verbosity))]
     handler = logging.StreamHandler(console.stderr)
-    handler.setFormatter(_Formatter(tracebacks or verbosity >= 2))
+    handler.setFormatter(_Formatter(verbosity >= 2))
     handler.setLevel(level)
     logger = logging.getLogger("mailoutbox")
     logger.addHandler(handler)
@@ -153,9 +153,7 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     verbosity = args.verbose or getattr(args, "log_level", -2) - args.quiet
     logger = logging.getLogger("mailoutbox")
     saved_level = logger.level
-    handler = _configure_logging(
-        console, verbosity, getattr(args, "log_tracebacks", False)
-    )
+    handler = _configure_logging(console, verbosity)
     try:
         return args.func(args, console)
     except CLIError as exc:
