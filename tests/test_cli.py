@@ -120,7 +120,9 @@ def test_version():
 def test_usage_errors_exit_2(argv):
     result = cli(*argv)
     assert result.code == EXIT_USAGE
-    assert "usage: mailoutbox" in result.err
+    assert result.err.startswith("mailoutbox: error: ")
+    assert result.err.count("\n") == 1
+    assert result.err.endswith(" --help')\n")
     assert result.out == ""
 
 

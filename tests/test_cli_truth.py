@@ -96,9 +96,10 @@ def test_bad_numbers_on_the_command_line(tmp_path, option, value, run):
     queue = tmp_path / "queue"
     done = run("run", str(queue), f"{option}={value}")
     assert done.returncode == mailoutbox.cli.errors.EXIT_USAGE
-    error = stderr_lines(done)[-1]
-    assert error.startswith(f"mailoutbox run: error: argument {option}: invalid")
+    (error,) = stderr_lines(done)
+    assert error.startswith(f"mailoutbox: error: argument {option}: invalid")
     assert repr(value) in error
+    assert error.endswith("(see 'mailoutbox run --help')")
     assert not queue.exists()
 
 

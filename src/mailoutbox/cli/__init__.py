@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
+from typing import NoReturn
 
 from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import EXIT_BROKEN_PIPE
@@ -64,6 +65,17 @@ def _version() -> str:
         return "unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line, like the command's other
+    errors (the subcommands' parsers are of the same class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USAGE,
+            f"{PROG}: error: {message} (see '{self.prog} --help')\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the parser of the ``mailoutbox`` command and its subcommands."""
     from mailoutbox.cli import demo
@@ -72,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mailoutbox.cli import send
     from mailoutbox.cli import status
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -189,7 +201,11 @@ def _parse(parser: argparse.ArgumentParser,
         ids.extend(extras)
         extras = []
     if extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        parser.exit(
+            EXIT_USAGE,
+            f"{PROG}: error: unrecognized arguments: {' '.join(extras)}"
+            f" (see '{PROG} {args.command} --help')\n",
+        )
     return args
 
 
