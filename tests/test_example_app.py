@@ -249,8 +249,10 @@ def test_the_readme_steps(tmp_path):
         program, *args = ported(command).split()
         return programs[program] + args
 
-    installed = subprocess.run([*argv(commands[0]), "--no-deps", "-q"],
-                               cwd=checkout, capture_output=True, timeout=600)
+    installed = subprocess.run(
+        [*argv(commands[0]), "--no-deps", "-q", "--retries", "1"],
+        cwd=checkout, capture_output=True, timeout=600,
+    )
     if installed.returncode and b"No matching distribution" in installed.stderr:
         pytest.skip("no package index to fetch the build tools from")
     assert installed.returncode == 0, installed.stderr
