@@ -185,8 +185,8 @@ def test_a_queue_that_cannot_be_a_maildir(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
     result = cli("run", str(afile))
-    assert result.code == EXIT_ERROR
-    assert "Not a directory" in result.err
+    assert result.code == EXIT_USAGE
+    assert "is not a Maildir folder: it is a file" in result.err
 
 
 def test_a_terminal_gets_a_progress_bar_unless_told_not_to(smtp_server,

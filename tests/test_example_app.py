@@ -3,13 +3,24 @@ WebTest against a real SMTP server."""
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import textwrap
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from webtest import TestApp
 
-from mailoutbox.delivery import DirectMailDelivery
+from mailoutbox.delivery import QueuedMailDelivery
 from mailoutbox.interfaces import IMailDelivery
 from mailoutbox.interfaces import IMailer
 from mailoutbox.zcml import processor_threads
@@ -19,10 +30,19 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "pyrami
 
 
 @pytest.fixture
-def mailapp(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.abspath(EXAMPLE))
+def mailapp(monkeypatch, tmp_path):
+    """The example's package, imported from a copy (its mail.zcml creates
+    its queue next to the package)."""
+    copy = tmp_path / "pyramid_app"
+    shutil.copytree(EXAMPLE, copy, ignore=shutil.ignore_patterns(
+        "*.egg-info", "mailqueue", "__pycache__"))
+    for name in [n for n in sys.modules if n.split(".")[0] == "mailapp"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(copy))
     import mailapp
     import mailapp.subscribers
+
+    assert mailapp.__file__.startswith(str(copy))
 
     mailapp.subscribers.clear()
     yield mailapp
@@ -90,11 +110,176 @@ def test_a_refused_message_is_reported(app, smtp_server):
     assert smtp_server.messages == []
 
 
-def test_default_configuration(mailapp):
-    """The shipped mail.zcml: direct delivery through localhost:25."""
+def test_default_configuration(mailapp, tmp_path):
+    """The shipped mail.zcml: a queued delivery next to the package, whose
+    processor thread sends through 127.0.0.1:8025 (the README's server)."""
     registry = mailapp.main({}).registry
     delivery = registry.getUtility(IMailDelivery, "Mail")
-    assert isinstance(delivery, DirectMailDelivery)
-    assert delivery.mailer is registry.getUtility(IMailer, "relay")
-    assert (delivery.mailer.hostname, delivery.mailer.port) == ("localhost", 25)
-    assert processor_threads() == {}
+    assert isinstance(delivery, QueuedMailDelivery)
+    queue = str(tmp_path / "pyramid_app" / "mailqueue")
+    assert delivery.queuePath == queue
+    mailer = registry.getUtility(IMailer, "relay")
+    assert (mailer.hostname, mailer.port) == ("127.0.0.1", 8025)
+    (thread,) = processor_threads().values()
+    assert (thread.queuePath, thread.mailer, thread.interval) == (queue, mailer, 1.0)
+
+
+# -- the README's "Using it" snippet ---------------------------------------------
+
+
+def readme_snippet() -> str:
+    readme = Path(__file__).resolve().parent.parent / "README.rst"
+    section = readme.read_text().split("\nUsing it\n", 1)[1]
+    block = section.split(".. code-block:: python\n", 1)[1]
+    lines = []
+    for line in block.splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return textwrap.dedent("\n".join(lines))
+
+
+def test_the_readme_snippet_runs_as_a_script(tls_server, certificates, tmp_path):
+    """Run as it is, but for the queue's path and the relay's address (and
+    the authority of the test relay's certificate): the message arrives
+    before the script ends."""
+    code = readme_snippet()
+    code = code.replace("/var/spool/myapp/mailqueue", str(tmp_path / "queue"))
+    relay = 'SMTPMailer("smtp.example.org", 587, force_tls=True)'
+    assert relay in code
+    code = code.replace(relay, (
+        f'SMTPMailer("{tls_server.host}", {tls_server.port}, force_tls=True,'
+        f' ca_file={certificates.ca_file!r})'
+    ))
+    script = tmp_path / "using_it.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"sent 1, deferred 0, failed 0\n"
+    (received,) = tls_server.messages
+    assert received.rcpt_tos == ["jane@example.org"]
+    assert received.message["Subject"] == "Welcome"
+
+
+# -- the example's README, followed step by step --------------------------------------
+
+
+def readme_commands() -> list[str]:
+    text = Path(EXAMPLE, "README.rst").read_text()
+    blocks = re.findall(r"::\n\n((?:    .*\n)+)", text)
+    return [line.strip() for block in blocks for line in block.splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def http(url: str, data: str | None = None) -> tuple[int, object]:
+    body = None if data is None else data.encode()
+    with urllib.request.urlopen(url, body, timeout=30) as response:  # noqa: S310
+        return response.status, json.loads(response.read())
+
+
+def stop(process: subprocess.Popen) -> bytes:
+    process.send_signal(signal.SIGINT)
+    try:
+        out, _err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a hang
+        process.kill()
+        out, _err = process.communicate()
+    return out or b""
+
+
+@pytest.mark.slow
+def test_the_readme_steps(tmp_path):
+    """examples/pyramid_app/README.rst, followed as written: in a copy of the
+    example (installing it writes into it), with other ports than 8025 and
+    6543 (which may be taken), and in a virtual environment of its own that
+    sees the packages of this one."""
+    commands = readme_commands()
+    assert commands == [
+        "pip install -e examples/pyramid_app",
+        "python -m aiosmtpd -n -l 127.0.0.1:8025",
+        "pserve examples/pyramid_app/development.ini",
+        "curl -d to=jane@example.org http://127.0.0.1:6543/welcome",
+        "curl http://127.0.0.1:6543/outbox",
+    ]
+    smtp_port, http_port = free_port(), free_port()
+
+    def ported(text: str) -> str:
+        return text.replace(":8025", f":{smtp_port}").replace(
+            '"8025"', f'"{smtp_port}"').replace("6543", str(http_port))
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(EXAMPLE, checkout / "examples" / "pyramid_app", ignore=(
+        shutil.ignore_patterns("*.egg-info", "mailqueue", "__pycache__")))
+    for name in ("mailapp/mail.zcml", "development.ini"):
+        path = checkout / "examples" / "pyramid_app" / name
+        path.write_text(ported(path.read_text()))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                   check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    ours = sysconfig.get_paths()["purelib"]
+    theirs = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    Path(theirs, "parent-environment.pth").write_text(ours + "\n")
+    programs = {
+        "pip": [python, "-m", "pip"],
+        "python": [python],
+        "pserve": [python, "-m", "pyramid.scripts.pserve"],
+    }
+
+    def argv(command: str) -> list[str]:
+        program, *args = ported(command).split()
+        return programs[program] + args
+
+    installed = subprocess.run(
+        [*argv(commands[0]), "--no-deps", "-q", "--retries", "1"],
+        cwd=checkout, capture_output=True, timeout=600,
+    )
+    if installed.returncode and b"No matching distribution" in installed.stderr:
+        pytest.skip("no package index to fetch the build tools from")
+    assert installed.returncode == 0, installed.stderr
+    server = subprocess.Popen(argv(commands[1]), cwd=checkout,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    app = None
+    try:
+        wait_for_port(smtp_port, server)
+        app = subprocess.Popen(argv(commands[2]), cwd=checkout,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_for_port(http_port, app)
+        data = re.search(r"-d (\S+)", commands[3]).group(1)
+        status, answer = http(ported(commands[3].split()[-1]), data)
+        assert status == 200
+        message_id = answer["message_id"]
+        outbox = ported(commands[4].split()[-1])
+        deadline = time.monotonic() + 30
+        while http(outbox)[1] == [] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert http(outbox) == (200, [{"message_id": message_id, "sent": True}])
+    finally:
+        log = stop(app) if app is not None else b""
+        received = stop(server)
+    assert f"<{message_id}>".encode() in received, received
+    assert b"Subject: Welcome" in received
+    assert b"jane@example.org" in received
+    assert f"mail {message_id} sent".encode() in log
+    queue = checkout / "examples" / "pyramid_app" / "mailqueue"
+    assert os.listdir(queue / "new") == []

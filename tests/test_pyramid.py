@@ -122,10 +122,35 @@ def test_prefix():
     ({"mail.port": "smtp"}, "mail.port must be a number, not 'smtp'"),
     ({"mail.timeout": None}, "mail.timeout must be a number"),
     ({"mail.retry_factor": "0.5"}, "factor must be"),
+    ({"mail.port": "70000"}, "mail.port must be a port number from 1 to 65535"),
+    ({"mail.port": "0"}, "mail.port must be a port number"),
+    ({"mail.port": "-25"}, "mail.port must be a port number"),
+    ({"mail.timeout": "-1"}, "mail.timeout must be a positive number of seconds"),
+    ({"mail.timeout": "0"}, "mail.timeout must be a positive number"),
+    ({"mail.timeout": "nan"}, "mail.timeout must be a positive number"),
+    ({"mail.interval": "-1"}, "mail.interval must be a positive number of seconds"),
+    ({"mail.interval": "0"}, "mail.interval must be a positive number"),
+    ({"mail.interval": "nan"}, "mail.interval must be a positive number"),
+    ({"mail.interval": "inf"}, "mail.interval must be a positive number"),
+    ({"mail.concurrency": "0"}, "mail.concurrency must be a whole number of at"),
+    ({"mail.concurrency": "-3"}, "mail.concurrency must be a whole number"),
 ])
 def test_invalid_settings(settings, message):
     with pytest.raises(ConfigurationError, match=message):
         MailSettings.from_settings(settings)
+
+
+@pytest.mark.parametrize("setting", [
+    {"mail.port": "70000"}, {"mail.timeout": "0"}, {"mail.interval": "nan"},
+    {"mail.concurrency": "0"},
+])
+def test_invalid_numbers_fail_the_include(setting, queue_path):
+    """At config.include, naming the setting, and starting no thread."""
+    config = Configurator(settings={"mail.queue_path": queue_path, **setting})
+    with pytest.raises(ConfigurationError, match=next(iter(setting))):
+        config.include("mailoutbox")
+        config.commit()
+    assert processor_threads() == {}
 
 
 def test_unknown_and_unused_settings_are_logged(caplog):

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import transaction
@@ -18,6 +20,7 @@ from zope.configuration import xmlconfig
 from zope.configuration.config import ConfigurationConflictError
 from zope.configuration.exceptions import ConfigurationError
 from zope.interface.verify import verifyObject
+from zope.security.proxy import removeSecurityProxy
 
 import mailoutbox.processors
 import mailoutbox.zcml
@@ -273,6 +276,41 @@ def test_invalid_retry_policy(queue_path):
         )
 
 
+@pytest.mark.parametrize(("attributes", "message"), [
+    ('interval="0"', "mail:queuedDelivery interval: must be a positive number"),
+    ('interval="nan"', "mail:queuedDelivery interval: must be a positive number"),
+    ('lease="nan"', "mail:queuedDelivery lease: must be a positive number"),
+    ('interval="-1"', "interval"),  # refused by the schema
+])
+def test_invalid_processor_durations(queue_path, attributes, message):
+    """Refused when the configuration is read, naming the attribute; no
+    thread is started."""
+    with pytest.raises(ConfigurationError, match=message):
+        load(
+            '<mail:smtpMailer name="smtp" />'
+            f'<mail:queuedDelivery mailer="smtp" queuePath="{queue_path}"'
+            f" {attributes} />"
+        )
+    assert processor_threads() == {}
+
+
+def test_invalid_relay_names(queue_path):
+    with pytest.raises(ConfigurationError, match="mail:queuedDelivery mailers:"):
+        load(
+            '<mail:smtpMailer name="smtp" />'
+            f'<mail:queuedDelivery mailer="smtp" queuePath="{queue_path}"'
+            f' mailers="{"x" * 300}" />'
+        )
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "inf"])
+def test_invalid_mailer_timeout(value):
+    with pytest.raises(ConfigurationError, match=(
+        "mail:smtpMailer 'smtp' timeout: must be a positive number of seconds"
+    )):
+        load(f'<mail:smtpMailer name="smtp" timeout="{value}" />')
+
+
 def test_without_processor_thread_the_message_stays_queued(smtp_server, queue_path):
     load(
         mailer_zcml(smtp_server)
@@ -522,3 +560,29 @@ def test_configure_zcml_offers_what_zope_sendmail_does():
     assert getUtility(IPermission, "zope.SendMail") is not None
     mailer = getUtility(IMailer, "smtp")
     assert (mailer.hostname, mailer.port) == ("localhost", 25)
+
+
+def test_the_first_example_of_the_docs_loads(tmp_path, smtp_server):
+    """docs/zcml.rst's first example, as it is (but for the queue's path and
+    the relay's address), with its permission="zope.SendMail"."""
+    docs = Path(__file__).resolve().parent.parent / "docs" / "zcml.rst"
+    text = docs.read_text()
+    block = text.split(".. code-block:: xml\n", 1)[1]
+    lines = []
+    for line in block.splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    zcml = "\n".join(lines)
+    assert 'permission="zope.SendMail"' in zcml
+    zcml = zcml.replace("/var/spool/myapp/mailqueue", str(tmp_path / "queue"))
+    zcml, count = re.subn(
+        r'hostname="smtp.example.org"\s+port="587"',
+        f'hostname="{smtp_server.host}" port="{smtp_server.port}"', zcml,
+    )
+    assert count == 1
+    xmlconfig.string(zcml)
+    delivery = getUtility(IMailDelivery, "Mail")
+    assert isinstance(removeSecurityProxy(delivery), QueuedMailDelivery)
+    assert getUtility(IMailer, "relay").force_tls
+    assert set(processor_threads()) == {os.path.realpath(tmp_path / "queue")}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
 import threading
 import weakref
@@ -65,6 +66,13 @@ _IGNORED = ("keyfile", "certfile", "debug", "sendmail_app", "sendmail_template")
 _BOOLS = {"tls": "force_tls", "ssl": "implicit_tls", "no_tls": "no_tls"}
 _TEXTS = ("host", "username", "password", "ca_file", "queue_path", "default_sender")
 _NUMBERS = {"port": int, "timeout": float, "interval": float, "concurrency": int}
+#: What each number must be: a test, and its description for the error.
+_LIMITS = {
+    "port": (lambda n: 1 <= n <= 65535, "a port number from 1 to 65535"),
+    "timeout": (lambda n: math.isfinite(n) and n > 0, "a positive number of seconds"),
+    "interval": (lambda n: math.isfinite(n) and n > 0, "a positive number of seconds"),
+    "concurrency": (lambda n: n >= 1, "a whole number of at least 1"),
+}
 _RETRY = {"retry_initial": "initial", "retry_factor": "factor",
           "retry_cap": "cap", "retry_max_age": "max_age"}
 _KNOWN = {*_BOOLS, *_TEXTS, *_NUMBERS, *_RETRY, "processor", *_IGNORED}
@@ -111,8 +119,11 @@ class MailSettings:
     ) -> MailSettings:
         """Parse the settings whose names start with *prefix*.
 
-        Raises :class:`pyramid.exceptions.ConfigurationError` for a value
-        that is not valid; logs a warning for a setting it does not use.
+        Raises :class:`pyramid.exceptions.ConfigurationError`, naming the
+        setting, for a value that is not valid: a port outside 1-65535, a
+        ``timeout`` or ``interval`` that is not a positive number of
+        seconds, a ``concurrency`` below 1; logs a warning for a setting it
+        does not use.
         """
         given = {
             key[len(prefix):]: value
@@ -142,8 +153,13 @@ class MailSettings:
                     ) from None
                 if key in _RETRY:
                     retry[_RETRY[key]] = number
-                else:
-                    values[key] = number
+                    continue
+                valid, what = _LIMITS[key]
+                if not valid(number):
+                    raise ConfigurationError(
+                        f"{prefix}{key} must be {what}, not {given[key]!r}"
+                    )
+                values[key] = number
         if "port" not in values and values.get("implicit_tls"):
             values["port"] = 465
         if retry:

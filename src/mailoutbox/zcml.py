@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -120,7 +121,8 @@ class ISMTPMailerDirective(IMailerDirective):
         required=False,
     )
     timeout = Float(
-        title="Timeout in seconds", default=10.0, min=0.0, required=False
+        title="Timeout in seconds (more than 0)", default=10.0, min=0.0,
+        required=False,
     )
     no_tls = Bool(title="Never use TLS", default=False, required=False)
     force_tls = Bool(title="Require STARTTLS", default=False, required=False)
@@ -171,7 +173,7 @@ class IQueuedDeliveryDirective(IDeliveryDirective):
         required=False,
     )
     interval = Float(
-        title="Seconds between two scans of an idle queue",
+        title="Seconds between two scans of an idle queue (more than 0)",
         default=3.0,
         min=0.0,
         required=False,
@@ -246,6 +248,17 @@ def _register(context: Any, component: Any, provides: Any, name: str) -> None:
     _site_manager(context).registerUtility(component, provides, name)
 
 
+def _check_seconds(directive: str, **given: float) -> None:
+    """Refuse a duration that is not a positive, finite number of seconds
+    (0 would make an idle processor spin, or every send time out)."""
+    for attribute, value in given.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigurationError(
+                f"{directive} {attribute}: must be a positive number of"
+                f" seconds, not {value!r}"
+            )
+
+
 # -- directives --------------------------------------------------------------
 
 
@@ -263,6 +276,7 @@ def smtpMailer(
     ca_file: str | None = None,
 ) -> None:
     """Handler of ``mail:smtpMailer``; see :class:`ISMTPMailerDirective`."""
+    _check_seconds(f"mail:smtpMailer {name!r}", timeout=timeout)
     try:
         mailer = mailer_factory(
             hostname,
@@ -355,6 +369,7 @@ def queuedDelivery(
 ) -> None:
     """Handler of ``mail:queuedDelivery``; see
     :class:`IQueuedDeliveryDirective`."""
+    _check_seconds("mail:queuedDelivery", interval=interval, lease=lease)
     protect = _protect(permission)
     routes = _route_names("mail:queuedDelivery", mailers)
     retry = _retry_policy(

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
+from typing import NoReturn
 
 from mailoutbox.cli.console import Console
+from mailoutbox.cli.errors import EXIT_BROKEN_PIPE
 from mailoutbox.cli.errors import EXIT_ERROR
 from mailoutbox.cli.errors import EXIT_INTERRUPTED
 from mailoutbox.cli.errors import EXIT_NOT_FOUND
@@ -23,6 +26,7 @@ from mailoutbox.cli.errors import EXIT_USAGE
 from mailoutbox.cli.errors import CLIError
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
@@ -47,7 +51,8 @@ and look after the queue: count, list, show, retry and purge messages.
 EPILOG = """\
 exit status: 0 success; 1 'run' could not send every message in the pass;
 2 usage or configuration error; 3 no such message; 4 operating system error,
-missing dependency or unexpected error; 130 interrupted.
+missing dependency or unexpected error; 130 interrupted; 141 the reader of
+the output went away (e.g. '| head').
 """
 
 
@@ -60,6 +65,17 @@ def _version() -> str:
         return "unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line, like the command's other
+    errors (the subcommands' parsers are of the same class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USAGE,
+            f"{PROG}: error: {message} (see '{self.prog} --help')\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the parser of the ``mailoutbox`` command and its subcommands."""
     from mailoutbox.cli import demo
@@ -68,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mailoutbox.cli import send
     from mailoutbox.cli import status
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -106,18 +122,20 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if self.tracebacks or not record.exc_info:
             return super().format(record)
-        # What format() does, less the traceback.
+        # What format() does, with the exception in one line instead of
+        # its traceback.
         record.message = record.getMessage()
         record.asctime = self.formatTime(record, self.datefmt)
-        return self.formatMessage(record)
+        exc = record.exc_info[1]
+        return f"{self.formatMessage(record)} ({type(exc).__name__}: {exc})"
 
 
-def _configure_logging(console: Console, verbosity: int,
-                       tracebacks: bool) -> logging.Handler:
-    """Send mailoutbox's log records to the console's stderr."""
+def _configure_logging(console: Console, verbosity: int) -> logging.Handler:
+    """Send mailoutbox's log records to the console's stderr (with
+    tracebacks from ``-vv`` on)."""
     level = _LEVELS[max(-2, min(2, verbosity))]
     handler = logging.StreamHandler(console.stderr)
-    handler.setFormatter(_Formatter(tracebacks or verbosity >= 2))
+    handler.setFormatter(_Formatter(verbosity >= 2))
     handler.setLevel(level)
     logger = logging.getLogger("mailoutbox")
     logger.addHandler(handler)
@@ -147,9 +165,7 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     verbosity = args.verbose or getattr(args, "log_level", -2) - args.quiet
     logger = logging.getLogger("mailoutbox")
     saved_level = logger.level
-    handler = _configure_logging(
-        console, verbosity, getattr(args, "log_tracebacks", False)
-    )
+    handler = _configure_logging(console, verbosity)
     try:
         return args.func(args, console)
     except CLIError as exc:
@@ -158,6 +174,11 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     except KeyboardInterrupt:
         console.error("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away ("mailoutbox list | head -1"): stop quietly,
+        # as a Unix tool that SIGPIPE ends does.
+        _silence(console)
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         console.error(_describe_os_error(exc))
         return EXIT_ERROR
@@ -180,8 +201,25 @@ def _parse(parser: argparse.ArgumentParser,
         ids.extend(extras)
         extras = []
     if extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        parser.exit(
+            EXIT_USAGE,
+            f"{PROG}: error: unrecognized arguments: {' '.join(extras)}"
+            f" (see '{PROG} {args.command} --help')\n",
+        )
     return args
+
+
+def _silence(console: Console) -> None:
+    """Point the file descriptor of the console's output, whose reader is
+    gone, at /dev/null, so that nothing fails again when the interpreter
+    flushes it at exit."""
+    try:
+        fd = console.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a file: nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _describe_os_error(exc: OSError) -> str:

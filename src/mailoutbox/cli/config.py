@@ -156,12 +156,6 @@ def boolean(text: str) -> bool:
         ) from None
 
 
-def _text_or_none(text: str) -> str | None:
-    # zope.sendmail writes unset values as the string "None".
-    text = str(text).strip()
-    return None if text in ("", "None") else text
-
-
 def _text(text: str) -> str:
     return str(text).strip()
 
@@ -170,21 +164,21 @@ _ZOPE_SENDMAIL_TYPES: dict[str, Callable[[str], Any]] = {
     "interval": duration,
     "hostname": _text,
     "port": port,
-    "username": _text_or_none,
-    "password": _text_or_none,
+    "username": _text,
+    "password": _text,
     "force_tls": boolean,
     "no_tls": boolean,
-    "queue_path": _text_or_none,
+    "queue_path": _text,
 }
 ZOPE_SENDMAIL_KEYS = tuple(_ZOPE_SENDMAIL_TYPES)
 
 _MAILOUTBOX_TYPES: dict[str, Callable[[str], Any]] = {
     **_ZOPE_SENDMAIL_TYPES,
     "implicit_tls": boolean,
-    "ca_file": _text_or_none,
+    "ca_file": _text,
     "timeout": duration,
-    "password_env": _text_or_none,
-    "password_file": _text_or_none,
+    "password_env": _text,
+    "password_file": _text,
     "concurrency": positive_int,
     "lease": duration,
     "retry_initial": duration,
@@ -292,7 +286,10 @@ def _read_section(parser: configparser.ConfigParser, section: str,
                 )
             continue  # other keys of a PasteDeploy section
         try:
-            layer[key] = types[key](parser.get(section, key))
+            text = parser.get(section, key)
+            if text.strip() in ("", "None"):
+                continue  # unset (zope.sendmail writes unset values as None)
+            layer[key] = types[key](text)
         except (argparse.ArgumentTypeError, configparser.Error) as exc:
             raise CLIError(
                 f"{name}: [{section}] {key}: {_one_line(exc)}"

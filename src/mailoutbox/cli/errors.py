@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
@@ -25,6 +26,9 @@ EXIT_NOT_FOUND = 3
 EXIT_ERROR = 4
 #: Interrupted by Ctrl-C outside ``run``.
 EXIT_INTERRUPTED = 130
+#: The reader of the output went away (``mailoutbox list | head -1``): the
+#: status a shell reports for a program that SIGPIPE ended (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 class CLIError(Exception):

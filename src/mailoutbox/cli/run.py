@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
+import logging
+import os
 import signal
 import ssl
 import threading
@@ -29,14 +32,24 @@ from mailoutbox.cli.config import port
 from mailoutbox.cli.config import positive_int
 from mailoutbox.cli.config import resolve
 from mailoutbox.cli.console import Console
+from mailoutbox.cli.errors import EXIT_ERROR
 from mailoutbox.cli.errors import EXIT_NOT_SENT
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
 from mailoutbox.cli.progress import Progress
 from mailoutbox.cli.view import clean
 from mailoutbox.queue import DEFAULT_CONCURRENCY
+from mailoutbox.relays import relay_folders
 
-__all__ = ["Runner", "add_parser", "make_mailer", "make_processor", "run"]
+__all__ = [
+    "ErrorCounter",
+    "Runner",
+    "add_parser",
+    "check_access",
+    "make_mailer",
+    "make_processor",
+    "run",
+]
 
 
 def add_parser(commands: Any) -> None:
@@ -150,7 +163,7 @@ def add_parser(commands: Any) -> None:
         parser, quiet="print no summary line, and log only errors (-qq: not"
         " even those)",
     )
-    parser.set_defaults(func=run, log_level=0, log_tracebacks=True)
+    parser.set_defaults(func=run, log_level=0)
 
 
 def make_mailer(settings: Settings | RelaySettings) -> Any:
@@ -204,6 +217,33 @@ def make_processor(settings: Settings, mailer: Any) -> Any:
     except ValueError as exc:  # exists, but is not a Maildir
         raise CLIError(str(exc)) from None
     return processor
+
+
+def check_access(path: str) -> None:
+    """Raise :class:`PermissionError` naming the first folder of the queue
+    at *path* (its own folders, and those of its relay folders) in which
+    this process may not create, rename and delete files: a processor could
+    not claim a single message there."""
+    queues = [path, *(folder for _name, folder in relay_folders(path))]
+    for queue in queues:
+        for folder in (queue, *(os.path.join(queue, sub)
+                                for sub in ("tmp", "new", "cur", "failed"))):
+            if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
+
+
+class ErrorCounter(logging.Handler):
+    """Counts the log records of errors that came with an exception: the
+    messages the processor could not handle (a permission, a full disk,
+    a bug), which it leaves in the queue and counts as skipped."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.count += 1
 
 
 class Runner:
@@ -287,6 +327,10 @@ class Runner:
 def run(args: argparse.Namespace, console: Console) -> int:
     settings = resolve(args, console)
     processor = make_processor(settings, make_mailer(settings))
+    path = str(settings.queue_path)
+    if getattr(processor.maildir, "created", False) and not args.quiet:
+        console.note(f"created a new, empty queue at {path}")
+    check_access(path)
     with Runner(processor, console) as runner:
         if args.daemon:
             runner.forever()
@@ -294,9 +338,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
         show = console.is_terminal() and not args.no_progress and not args.quiet
         progress = Progress(console) if show else None
         started = time.monotonic()
+        errors = ErrorCounter()
+        logger = logging.getLogger("mailoutbox")
+        logger.addHandler(errors)
         try:
             stats = runner.once(progress)
         finally:
+            logger.removeHandler(errors)
             if progress is not None:
                 progress.close()
     if not args.quiet:
@@ -310,4 +358,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 f"  relay {name}: sent {relay.sent}, deferred {relay.deferred},"
                 f" failed {relay.failed}, skipped {relay.skipped}"
             ))
+    if errors.count:
+        console.error(
+            f"{errors.count} error(s) while processing the queue: some messages"
+            " could not be handled and were left in it (see the log lines"
+            " above; -vv shows the tracebacks)"
+        )
+        return EXIT_ERROR
     return EXIT_NOT_SENT if stats.deferred or stats.failed else EXIT_OK

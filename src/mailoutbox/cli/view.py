@@ -52,16 +52,30 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def open_queue(path: str) -> Maildir:
-    """The queue at *path*, or a :class:`CLIError` saying why not."""
+    """The queue at *path*, or a :class:`CLIError` saying why not.
+
+    A folder this process may not look into raises :class:`PermissionError`
+    (the command reports ``Permission denied: PATH`` and exits with
+    status 4) rather than passing for a missing queue or a folder that is
+    not one.
+    """
     try:
         return Maildir(path)
     except ValueError:
-        if not os.path.exists(path):
-            raise CLIError(f"no queue at {path}: no such directory") from None
-        raise CLIError(
-            f"{path} is not a mail queue (a Maildir folder with tmp, new and"
-            " cur)", EXIT_USAGE,
-        ) from None
+        pass
+    for folder in (path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))):
+        try:
+            os.stat(folder)
+        except PermissionError as exc:
+            raise PermissionError(exc.errno, exc.strerror, path) from None
+        except OSError:
+            break
+    if not os.path.exists(path):
+        raise CLIError(f"no queue at {path}: no such directory")
+    raise CLIError(
+        f"{path} is not a mail queue (a Maildir folder with tmp, new and"
+        " cur)", EXIT_USAGE,
+    )
 
 
 def clean(text: object) -> str:
