@@ -321,12 +321,36 @@ def test_run_on_a_queue_it_may_read_but_not_write(private_queue):
 
 @needs_root
 def test_run_on_messages_it_may_not_touch(private_queue, smtp_server):
-    """The folders are writable, a message file is not: the message is left
-    in the queue, one line says why, and run exits with status 4 (not 0
-    with "skipped 1"); the traceback only with -vv."""
+    """The folders are writable, a message file is not (it is root's): the
+    processor moves it to the failed area with a reason that says how to
+    fix it, in one log line, and run exits with status 1 (not 0 with
+    "skipped 1")."""
     queue, name = private_queue
     for folder in (queue, queue / "tmp", queue / "new", queue / "cur"):
         os.chmod(folder, 0o777)  # noqa: S103 - writable by nobody
+    port = str(smtp_server.port)
+    done = as_nobody("run", str(queue), "--hostname", "127.0.0.1", "--port", port)
+    assert done.returncode == mailoutbox.cli.errors.EXIT_NOT_SENT
+    err = done.stderr.decode()
+    assert "Traceback" not in err
+    (line,) = err.splitlines()
+    assert " ERROR mailoutbox." in line
+    assert f"moved {name} to the failed area: cannot be claimed" in line
+    assert "run 'mailoutbox retry'" in line
+    assert os.listdir(queue / "new") == []
+    assert name in os.listdir(queue / "failed")
+    assert smtp_server.messages == []
+
+
+@needs_root
+def test_run_on_messages_it_may_neither_claim_nor_move(private_queue, smtp_server):
+    """A message file that is root's in a sticky folder can be neither
+    claimed nor moved: it is left in the queue, one line says why, and run
+    exits with status 4; the traceback only with -vv."""
+    queue, name = private_queue
+    for folder in (queue, queue / "tmp", queue / "cur"):
+        os.chmod(folder, 0o777)  # noqa: S103 - writable by nobody
+    os.chmod(queue / "new", 0o1777)  # noqa: S103 - sticky, as /tmp is
     port = str(smtp_server.port)
     done = as_nobody("run", str(queue), "--hostname", "127.0.0.1", "--port", port)
     assert done.returncode == mailoutbox.cli.errors.EXIT_ERROR
@@ -335,8 +359,8 @@ def test_run_on_messages_it_may_not_touch(private_queue, smtp_server):
     lines = err.splitlines()
     assert len(lines) == 2, err
     assert " ERROR mailoutbox." in lines[0]
-    assert str(queue / "new" / name) in lines[0]
-    assert lines[0].endswith("(PermissionError: [Errno 13] Permission denied)")
+    assert f"cannot claim {queue / 'new' / name}, nor move it" in lines[0]
+    assert "(PermissionError: [Errno 1] Operation not permitted" in lines[0]
     assert lines[1] == (
         "mailoutbox: error: 1 error(s) while processing the queue: some messages"
         " could not be handled and were left in it (see the log lines above;"

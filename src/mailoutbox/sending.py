@@ -331,8 +331,10 @@ class MessageSender:
         except FileNotFoundError:
             return SKIPPED
         except PermissionError as error:
+            # With the exception, so that ``mailoutbox run`` counts it as a
+            # message it could not handle.
             self.log.error("cannot claim %s, nor move it to the failed area (%s):"
-                           " %s", entry.path, error.strerror, text)
+                           " %s", entry.path, error.strerror, text, exc_info=error)
             return SKIPPED
         self.log.error("moved %s to the failed area: %s", entry.name, text)
         self._notify(MailErrorEvent(entry.name, text, permanent=True))
