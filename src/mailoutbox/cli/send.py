@@ -14,7 +14,6 @@ on standard error and exit status 2.
 from __future__ import annotations
 
 import argparse
-import email.errors
 import email.policy
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -100,8 +99,15 @@ def build_message(fromaddr: str, toaddrs: list[str], subject: str,
                   body: str) -> bytes:
     """A text message from its parts; *fromaddr* and *toaddrs* must have
     been checked (:func:`mailoutbox.address.check_sender`,
-    :func:`~mailoutbox.address.check_recipients`)."""
-    message = EmailMessage(policy=email.policy.SMTP)
+    :func:`~mailoutbox.address.check_recipients`).
+
+    Non-ASCII addresses are written as UTF-8 (they need a server that
+    offers SMTPUTF8 anyway): the RFC 2047 encoded words that the email
+    package would put into them are not allowed in an address.
+    """
+    ascii_only = all(a.isascii() for a in (fromaddr, *toaddrs))
+    message = EmailMessage(
+        policy=email.policy.SMTP if ascii_only else email.policy.SMTPUTF8)
     try:
         message["From"] = fromaddr
         message["To"] = ", ".join(toaddrs)
@@ -109,7 +115,7 @@ def build_message(fromaddr: str, toaddrs: list[str], subject: str,
         message["Date"] = formatdate(localtime=True)
         message.set_content(body)
         return message.as_bytes()
-    except (ValueError, LookupError, email.errors.MessageError) as exc:
+    except Exception as exc:  # the email package fails in many ways
         raise CLIError(f"invalid header: {exc}") from None
 
 
