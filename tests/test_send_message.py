@@ -184,7 +184,7 @@ def test_given_values_are_returned_as_they_are():
     (b"From: a@example.org\nTo: c@example.org\nCc: no@domain@\n\n",
      "cannot tell the addresses of the Cc header 'no@domain@'"),
     (b"From: a@example.org\nTo: jane@\n\n",
-     r"cannot tell the addresses of the To header 'jane@': it cannot be parsed"),
+     r"cannot tell the addresses of the To header .jane@.: it is not a list"),
     (b'From: a@example.org\nTo: "quoted local"\n\n',
      "invalid address '\"quoted local\"': no '@' follows the quoted local part"),
     (b"From: a@example.org\nTo: \xff@example.org\n\n",

@@ -157,10 +157,10 @@ def _addresses(name: str, values: Sequence[str]) -> list[str]:
     for value in values:
         try:
             header = email.policy.default.header_factory(name, value)
-        except Exception as exc:  # the email package fails on some input
+        except Exception:  # the email package fails so on some input
             raise ValueError(
                 f"cannot tell the addresses of the {name.title()} header"
-                f" {value!r}: it cannot be parsed ({type(exc).__name__}: {exc})"
+                f" {value!r}: it is not a list of valid addresses"
             ) from None
         bad = [d for d in header.defects if not _harmless(d)]
         if bad:

@@ -188,16 +188,22 @@ def _check_fields(message: email.message.Message, found: list[str]) -> None:
          if a != b.lower()),
         min(len(found), len(keys)),
     )
-    culprit = keys[max(index - 1, 0)]
     if index < len(found):
         effect = (f"would add a {found[index].title()!r} header the message"
                   " does not have")
     else:
         effect = "would end the headers early"
+    if index < len(keys) and not _FIELD_NAME.match(
+            keys[index].encode("utf-8", "surrogateescape")):
+        raise ValueError(
+            f"the header name {keys[index]!r} of the message is not a field"
+            " name (printable ASCII except ':'); serialized, it"
+            f" {effect}: refused, as header injection"
+        )
     raise ValueError(
-        f"the {culprit!r} header of the message holds a line break that is"
-        " not folding white space (a line break followed by a space or tab);"
-        f" serialized, it {effect}: refused, as header injection"
+        f"the {keys[max(index - 1, 0)]!r} header of the message holds a line"
+        " break that is not folding white space (a line break followed by a"
+        f" space or tab); serialized, it {effect}: refused, as header injection"
     )
 
 
