@@ -19,7 +19,10 @@
 Only addr-specs reach the envelope; display names, comments and group
 names are dropped.  A header whose addresses cannot be parsed is an error,
 never skipped: a recipient must not be lost, or a wrong one made up, by a
-lenient parser.
+lenient parser.  So is an RFC 2047 encoded word inside an addr-spec, which
+the email package would decode (``jane@=?utf-8?q?evil.example?=`` to
+``jane@evil.example``) while mail clients show it as it is.  A local
+recipient without a domain (``To: root``) is taken; ``send()`` checks it.
 """
 from __future__ import annotations
 

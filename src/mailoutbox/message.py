@@ -245,11 +245,18 @@ def prepare_message(
     serialized with its own policy, except that long header lines are not
     refolded.  An existing Message-Id header is kept;
     when there is none, one made by *new_message_id* is added as the first
-    header, ending with the line separator the message uses.  Raises
-    :class:`ValueError` when the message has no blank line after its
-    headers, when a line of the header section is not a header field, or
-    when the Message-Id header is malformed or repeated, and
-    :class:`TypeError` for other types.
+    header, ending with the line separator the message uses.
+
+    The header section is checked in the bytes, as it will be queued or
+    sent.  Raises :class:`ValueError` when the message has no blank line
+    after its headers; when a line of the header section is not a header
+    field or the continuation of one, or does not end as the first line
+    does (a CR inside a line, a bare LF among CRLF line ends); when the
+    header fields of a serialized :class:`email.message.Message` are not
+    exactly its headers (a value with a line break that is not folding
+    white space would add a header or end the headers early); or when the
+    Message-Id header is malformed or repeated; and :class:`TypeError` for
+    other types.
     """
     data, headers = _to_bytes(message)
     if headers is None:
