@@ -671,13 +671,26 @@ def _legacy_message_with_header(value: str) -> email.message.Message:
     return message
 
 
+def _raw_email_message_with_header(value: str) -> email.message.EmailMessage:
+    message = ShownEmailMessage(policy=email.policy.default)
+    message.set_raw("Subject", value)
+    message.set_content("body")
+    return message
+
+
 @pytest.mark.parametrize("message", [
     # a CR inside a header line: send() saw one header, the wire two
     f"Subject: x\rBcc: {EVIL}\n\nbody".encode(),
     f"Subject: x\r\n continued\rBcc: {EVIL}\r\n\r\nbody",
     # the email package's own error (HeaderParseError) escaped send()
     _legacy_message_with_header(f"x\nBcc: {EVIL}"),
-], ids=["bytes", "str", "Message"])
+    # a lone surrogate: compat32 wrote the value raw, with its line break
+    _legacy_message_with_header(f"report\udcff\nBcc: {EVIL}"),
+    # set_raw(): policy.default joined the lines of the value with CRLF/LF
+    _raw_email_message_with_header(f"x\u2028Bcc: {EVIL}"),
+    # a bare LF among CRLF line ends
+    f"To: a@example.org\r\nSubject: x\nBcc: {EVIL}\r\n\r\nbody",
+], ids=["bytes", "str", "Message", "surrogate", "set_raw", "bare LF"])
 def test_header_injection_refused_at_send(harness, message):
     outcome = harness.check("a@example.org", ["b@example.org"], message)
     assert outcome.startswith("rejected: ValueError"), outcome
