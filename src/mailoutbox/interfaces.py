@@ -84,8 +84,11 @@ class IMailDelivery(Interface):
 
         Raises :class:`ValueError` or :class:`TypeError`, with nothing joined
         to the transaction and nothing written, when: *toaddrs* is empty or is
-        a single string; any address contains CR, LF or NUL or is not a valid
-        address; the message has no header/body separation; the existing
+        a single string; any address contains NUL, or a CR or LF that is not
+        folding white space (which is unfolded), or is not a valid address;
+        the message has no header/body separation, or a header line that
+        would be read differently on the wire, or (a ``Message``) header
+        fields other than its headers once serialized; the existing
         ``Message-Id`` header is malformed; *mailer* is not a name the
         delivery was configured to route to.
 
