@@ -346,7 +346,7 @@ def test_run_on_messages_it_may_not_touch(private_queue, smtp_server):
 def test_run_on_messages_it_may_neither_claim_nor_move(private_queue, smtp_server):
     """A message file that is root's in a sticky folder can be neither
     claimed nor moved: it is left in the queue, one line says why, and run
-    exits with status 4; the traceback only with -vv."""
+    exits with status 4."""
     queue, name = private_queue
     for folder in (queue, queue / "tmp", queue / "cur"):
         os.chmod(folder, 0o777)  # noqa: S103 - writable by nobody
@@ -360,7 +360,7 @@ def test_run_on_messages_it_may_neither_claim_nor_move(private_queue, smtp_serve
     assert len(lines) == 2, err
     assert " ERROR mailoutbox." in lines[0]
     assert f"cannot claim {queue / 'new' / name}, nor move it" in lines[0]
-    assert "(PermissionError: [Errno 1] Operation not permitted" in lines[0]
+    assert "(Operation not permitted)" in lines[0]
     assert lines[1] == (
         "mailoutbox: error: 1 error(s) while processing the queue: some messages"
         " could not be handled and were left in it (see the log lines above;"
@@ -368,10 +368,7 @@ def test_run_on_messages_it_may_neither_claim_nor_move(private_queue, smtp_serve
     )
     assert os.listdir(queue / "new") == [name]
     assert smtp_server.messages == []
-    done = as_nobody("run", str(queue), "--hostname", "127.0.0.1", "--port", port,
-                     "-vv")
-    assert done.returncode == mailoutbox.cli.errors.EXIT_ERROR
-    assert "Traceback (most recent call last)" in done.stderr.decode()
+
 
 
 # -- a reader that goes away ----------------------------------------------------------

@@ -238,7 +238,10 @@ def test_the_readme_steps(tmp_path):
     theirs = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    Path(theirs, "parent-environment.pth").write_text(ours + "\n")
+    # An "import" line, so that the .pth files there (this checkout's
+    # editable install among them) are read too.
+    Path(theirs, "parent-environment.pth").write_text(
+        f"import site; site.addsitedir({ours!r})\n")
     programs = {
         "pip": [python, "-m", "pip"],
         "python": [python],

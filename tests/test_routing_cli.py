@@ -167,7 +167,8 @@ def test_send_with_explicit_envelope_for_a_relay(queue_path):
      "cannot queue the message: a mailer name cannot be empty"),
     ([], b"From: a@example.org, b@example.org\nTo: c@example.org\n\n",
      "cannot queue the message: the From header names 2 addresses"),
-    ([], b"To: c@example.org\n\n", "no sender: give --from, or a From (or Sender)"),
+    ([], b"To: c@example.org\n\n",
+     "cannot queue the message: no sender: the message has no Sender or From"),
 ])
 def test_send_errors(queue_path, argv, stdin, error):
     result = cli("send", queue_path, *argv, stdin=stdin)

@@ -164,10 +164,11 @@ class QueuedDataManager(_DataManager):
         if not self.messages:
             return
         path = self.delivery.queuePath
-        message_id = self.messages[0].message_id
+        what = f"message <{self.messages[0].message_id}>"
         try:
             for message in self.messages:
                 message_id = message.message_id
+                what = f"message <{message_id}>"
                 relay = message.relay
                 maildir = self.maildirs.get(relay)
                 if maildir is None:
@@ -183,24 +184,20 @@ class QueuedDataManager(_DataManager):
                 writer.write(message.data)
                 writer.sync()
             if len(self.writers) > 1:
-                message_id = ", ".join(i for i, _w in self.writers)
+                what = "messages " + ", ".join(f"<{i}>" for i, _w in self.writers)
                 self.record = CommitRecord(self.delivery.maildir(None),
                                            self.writers)
         except Exception as exc:
-            log.error("could not queue message %s in %s", message_id, path,
-                      exc_info=True)
+            log.error("could not queue %s in %s", what, path, exc_info=True)
             self._abort()
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise OSError(
                     exc.errno,
-                    f"could not queue message <{message_id}> in {path}:"
-                    f" {exc.strerror}",
+                    f"could not queue {what} in {path}: {exc.strerror}",
                     exc.filename,
                 ) from exc
             if isinstance(exc, ValueError):  # e.g. the path is not a queue
-                raise ValueError(
-                    f"could not queue message <{message_id}> in {path}: {exc}"
-                ) from exc
+                raise ValueError(f"could not queue {what} in {path}: {exc}") from exc
             raise
 
     def tpc_finish(self, txn: Any) -> None:

@@ -46,7 +46,7 @@ from mailoutbox.workers import SENT
 from mailoutbox.workers import SKIPPED
 from mailoutbox.workers import Pass
 
-__all__ = ["MessageSender", "message_id_of"]
+__all__ = ["UNHANDLED", "MessageSender", "message_id_of"]
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _MESSAGE_ID = re.compile(
@@ -331,10 +331,8 @@ class MessageSender:
         except FileNotFoundError:
             return SKIPPED
         except PermissionError as error:
-            # With the exception, so that ``mailoutbox run`` counts it as a
-            # message it could not handle.
             self.log.error("cannot claim %s, nor move it to the failed area (%s):"
-                           " %s", entry.path, error.strerror, text, exc_info=error)
+                           " %s", entry.path, error.strerror, text, extra=UNHANDLED)
             return SKIPPED
         self.log.error("moved %s to the failed area: %s", entry.name, text)
         self._notify(MailErrorEvent(entry.name, text, permanent=True))
@@ -345,6 +343,12 @@ class MessageSender:
             zope.event.notify(event)
         except Exception:
             self.log.exception("an event subscriber failed on %r", event)
+
+
+#: The ``extra`` of a log line about a message left in the queue because it
+#: could not be handled, without a traceback: ``mailoutbox run`` counts
+#: these lines, and those that come with an exception.
+UNHANDLED = {"mailoutbox_unhandled": True}
 
 
 #: The errors that mean the mailer's or the server's configuration is at

@@ -233,16 +233,17 @@ def check_access(path: str) -> None:
 
 
 class ErrorCounter(logging.Handler):
-    """Counts the log records of errors that came with an exception: the
-    messages the processor could not handle (a permission, a full disk,
-    a bug), which it leaves in the queue and counts as skipped."""
+    """Counts the log records of errors that came with an exception, or are
+    marked with :data:`mailoutbox.sending.UNHANDLED`: the messages the
+    processor could not handle (a permission, a full disk, a bug), which it
+    leaves in the queue and counts as skipped."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
+        if record.exc_info or getattr(record, "mailoutbox_unhandled", False):
             self.count += 1
 
 
