@@ -552,7 +552,7 @@ def test_commit_record_that_cannot_be_written_leaves_nothing(queue_path, tm):
     real_init = commit_mod.CommitRecord.__init__
     commit_mod.CommitRecord.__init__ = remove_relay_tmp
     try:
-        with pytest.raises(OSError, match=f"could not queue message <.*{ids[0]}"):
+        with pytest.raises(OSError, match=f"could not queue messages <.*{ids[0]}"):
             tm.commit()
     finally:
         commit_mod.CommitRecord.__init__ = real_init
