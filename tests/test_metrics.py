@@ -287,10 +287,11 @@ def test_numbers_before_the_first_pass():
 
 
 def test_the_lock_is_new_in_a_forked_child():
-    metrics = Metrics()
-    lock = metrics._lock
-    metrics._after_fork_in_child()
-    assert metrics._lock is not lock
+    processor = QueueProcessorThread()
+    lock = processor.metrics._lock
+    processor._after_fork_in_child()  # as os.fork() calls it in the child
+    assert processor.metrics._lock is not lock
+    assert processor.metrics.snapshot()["up"] is False
 
 
 # -- prometheus_client ------------------------------------------------------------
