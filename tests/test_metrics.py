@@ -503,3 +503,56 @@ def test_process_daemon_serves_metrics(smtp_server, queue_path, tmp_path):
     assert len(smtp_server.messages) == 4
     assert {"m0@example.org", "m1@example.org", "m2@example.org"} \
         < set(smtp_server.message_ids())
+
+
+# -- in a Pyramid application (the example of docs/operations.rst) -----------------
+
+
+def test_pyramid_application_exposes_its_processor(smtp_server, queue_path):
+    from pyramid.config import Configurator
+    from pyramid.response import Response
+    from webtest import TestApp
+
+    from mailoutbox.zcml import processor_threads
+    from mailoutbox.zcml import stop_processor_threads
+
+    # As in the documentation:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    metrics_registry = CollectorRegistry()
+
+    def metrics_view(request):
+        return Response(generate_latest(metrics_registry),
+                        content_type=CONTENT_TYPE_LATEST)
+
+    def main(global_config, **settings):
+        with Configurator(settings=settings) as config:
+            config.include("pyramid_tm")
+            config.include("mailoutbox.pyramid")
+            config.add_route("metrics", "/metrics")
+            config.add_view(metrics_view, route_name="metrics")
+            app = config.make_wsgi_app()  # starts the processor thread
+        for processor in processor_threads().values():
+            register(processor, registry=metrics_registry)
+        return app
+
+    app = TestApp(main({}, **{
+        "mail.host": smtp_server.host, "mail.port": str(smtp_server.port),
+        "mail.queue_path": queue_path, "mail.interval": "0.05",
+    }))
+    try:
+        add_message(Maildir(queue_path))
+        assert wait_for(lambda: smtp_server.messages)
+        got: dict = {}
+
+        def sent() -> bool:
+            nonlocal got
+            response = app.get("/metrics")
+            assert response.content_type == "text/plain"
+            got = samples(response.text)
+            return value(got, "mailoutbox_sent_total", relay="") == 1
+
+        assert wait_for(sent), got
+        assert value(got, "mailoutbox_up") == 1
+    finally:
+        stop_processor_threads(30)
