@@ -170,6 +170,12 @@ def test_the_states_of_a_listing():
     assert numbers.queue_seconds.sum == 100.5
     metrics.handled(job, scan.entries[1], "skipped")
     assert numbers.messages["queued"] == 2
+    # A deferred message whose time came during the pass.
+    metrics.handled(job, scan.entries[0], "deferred", now=201.0)
+    assert numbers.messages == {"queued": 2, "deferred": 1, "sending": 0}
+    assert numbers.deferred == 1
+    metrics.handled(job, scan.entries[3], "failed")
+    assert numbers.messages == {"queued": 1, "deferred": 1, "sending": 0}
 
 
 def test_names_without_a_time_have_no_queue_time():
@@ -509,15 +515,14 @@ def test_process_daemon_serves_metrics(smtp_server, queue_path, tmp_path):
 
 
 def test_pyramid_application_exposes_its_processor(smtp_server, queue_path):
+    # As in the documentation:
+    from prometheus_client import CONTENT_TYPE_LATEST
     from pyramid.config import Configurator
     from pyramid.response import Response
     from webtest import TestApp
 
     from mailoutbox.zcml import processor_threads
     from mailoutbox.zcml import stop_processor_threads
-
-    # As in the documentation:
-    from prometheus_client import CONTENT_TYPE_LATEST
 
     metrics_registry = CollectorRegistry()
 

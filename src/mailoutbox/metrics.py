@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import re
 import threading
 import time
@@ -220,10 +221,17 @@ class Metrics:
         if outcome not in (SENT, DEFERRED, FAILED):
             return
         now = time.time() if now is None else now
-        was = "sending" if entry.name in job.scan.claimed else "queued"
         queued = queued_time(entry) if outcome == SENT else None
+        name, scan = entry.name, job.scan
         with self._lock:
             numbers = self.relay(job.relay)
+            # Its state in the listing (its retry time may have come since).
+            if name in scan.claimed:
+                was = "sending"
+            elif scan.retry_at.get(name, -math.inf) > (numbers.listed or 0.0):
+                was = "deferred"
+            else:
+                was = "queued"
             setattr(numbers, outcome, getattr(numbers, outcome) + 1)
             numbers.messages[was] -= 1
             if outcome == DEFERRED:
