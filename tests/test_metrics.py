@@ -491,8 +491,9 @@ def test_process_daemon_serves_metrics(smtp_server, queue_path, tmp_path):
         assert value(got, "mailoutbox_time_in_queue_seconds_count", relay="") == 3
         assert 0 < value(got, "mailoutbox_time_in_queue_seconds_sum",
                          relay="") < 3 * 60
-        # The process's own numbers come along.
-        assert value(got, "process_open_fds") > 0
+        # The process's own numbers come along (where /proc tells them).
+        if sys.platform.startswith("linux"):
+            assert value(got, "process_open_fds") > 0
         # Passes go on; the scrape shows them.
         passes = value(got, "mailoutbox_passes_total", relay="")
         assert wait_for(lambda: value(scrape(port), "mailoutbox_passes_total",
