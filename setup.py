@@ -28,6 +28,7 @@ TESTS_REQUIRE = [
     "pyramid_zcml",
     "WebTest",
     "ruff",
+    "prometheus_client >= 0.17",
 ]
 
 setup(
@@ -73,6 +74,7 @@ setup(
             "repoze.sphinx.autointerface",
         ],
         "server": ["aiosmtpd >= 1.4"],
+        "metrics": ["prometheus_client >= 0.17"],
     },
     entry_points={
         "console_scripts": [

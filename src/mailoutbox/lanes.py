@@ -161,6 +161,7 @@ class Lanes:
         maildir = lane.maildir
         roll_forward(maildir)  # transactions that a crash cut short
         scan = maildir.scan()
+        processor.metrics.listed(lane.name, maildir, scan, clock())
         try:
             if maildir.cleanup(scan, processor.lease):
                 processor.log.info("tidied up after crashes in %s", maildir.path)
@@ -199,6 +200,7 @@ class Lanes:
             return None
         lane.job = None
         self.heartbeat.discard(job)
+        self.processor.metrics.pass_ended(lane.name)
         stats = job.stats
         if stats.attempted:
             lane.connections_open = True
@@ -260,7 +262,11 @@ class Lanes:
         progress = None if on_progress is None else _Progress(on_progress)
         pending = deque(self._order())
         main = pending.popleft()
-        self.start(main, clock, progress)  # the queue itself, first
+        try:
+            self.start(main, clock, progress)  # the queue itself, first
+        except Exception:
+            processor.metrics.pass_failed(None)
+            raise
         running = [main]
         try:
             while True:
@@ -276,6 +282,7 @@ class Lanes:
                     try:
                         self.start(lane, clock, progress)
                     except Exception:
+                        processor.metrics.pass_failed(lane.name)
                         processor.log.exception(
                             "error while processing the queue %s",
                             lane.maildir.path)
@@ -307,6 +314,7 @@ class Lanes:
                 try:
                     self.refresh()
                 except Exception:
+                    processor.metrics.pass_failed(None)
                     processor.log.exception("error while processing the queue %s",
                                             processor.queuePath)
             for lane in self._order():
@@ -319,6 +327,7 @@ class Lanes:
                 try:
                     self.start(lane, time.time, None)
                 except Exception:
+                    processor.metrics.pass_failed(lane.name)
                     processor.log.exception("error while processing the queue %s",
                                             lane.maildir.path)
                     lane.due = now + processor.interval

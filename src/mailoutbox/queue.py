@@ -48,6 +48,7 @@ from mailoutbox.interfaces import IMailQueueProcessor
 from mailoutbox.lanes import Lanes
 from mailoutbox.maildir import DEFAULT_LEASE
 from mailoutbox.maildir import Maildir
+from mailoutbox.metrics import Metrics
 from mailoutbox.relays import check_names
 from mailoutbox.retry import RetryPolicy
 from mailoutbox.sending import MessageSender
@@ -152,6 +153,8 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         self._pass_lock = threading.Lock()
         self._lanes = Lanes(self)
         self._pass_owner: threading.Thread | None = None
+        #: The processor's numbers, for monitoring (:mod:`mailoutbox.metrics`).
+        self.metrics = Metrics(self)
         _processors.add(self)
 
     # -- configuration (zope.sendmail's API) ----------------------------------
@@ -308,6 +311,7 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         if self.ident is not None:
             self._stopping.set()
         self._lanes = Lanes(self)
+        self.metrics._after_fork_in_child()
         atexit.unregister(self.stop)
 
     def _check_configured(self) -> Maildir:
@@ -351,10 +355,12 @@ class QueueProcessorThread(MessageSender, threading.Thread):
                 outcome = self._process(job, entry)
             except Exception:
                 self.log.exception("unexpected error while processing %s", entry.path)
+                self.metrics.error(job.relay)
                 outcome = SKIPPED
             job.record(outcome)
             if outcome != SKIPPED:
                 job.observe(time.perf_counter() - wall, time.thread_time() - cpu)
+                self.metrics.handled(job, entry, outcome)
 
 
 #: Every processor of the process, to reset in a forked child.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from mailoutbox.events import MailSentEvent
 from mailoutbox.maildir import Claim
 from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
+from mailoutbox.metrics import Metrics
 from mailoutbox.retry import RetryPolicy
 from mailoutbox.retry import record_failure
 from mailoutbox.workers import DEFERRED
@@ -92,6 +94,8 @@ class MessageSender:
     retry: RetryPolicy
     #: How long, in seconds, a claim stays valid without being renewed.
     lease: float
+    #: Counts the sends and their times (:class:`~mailoutbox.metrics.Metrics`).
+    metrics: Metrics
 
     def _process(self, job: Pass, entry: Entry) -> str:
         maildir = job.maildir
@@ -114,7 +118,8 @@ class MessageSender:
         claim."""
         via = "" if job.relay is None else f" via relay {job.relay!r}"
         try:
-            outcome = self._read_and_send(claim, job.now, job.mailer, via)
+            outcome = self._read_and_send(claim, job.now, job.mailer, via,
+                                          relay=job.relay)
         except BaseException:
             claim.release()  # nothing was sent: give the message back
             raise
@@ -136,7 +141,8 @@ class MessageSender:
         return SENT
 
     def _read_and_send(self, claim: Claim, clock: Callable[[], float],
-                       mailer: Any, via: str = "") -> str | tuple[_Queued, Any]:
+                       mailer: Any, via: str = "", *,
+                       relay: str | None = None) -> str | tuple[_Queued, Any]:
         """Send the message, or end the claim if it cannot be sent (now).
 
         Returns the outcome, or ``(queued, refused)`` once sent.
@@ -156,10 +162,14 @@ class MessageSender:
                               f"malformed queue file: {exc}", clock())
         del data  # the message is a copy: keep one in memory
         queued = _Queued(message_id_of(message, name), fromaddr, toaddrs, message)
+        started = time.perf_counter()
         try:
-            return queued, mailer.send(fromaddr, toaddrs, message)
+            refused = mailer.send(fromaddr, toaddrs, message)
         except Exception as exc:
+            self.metrics.sent_in(relay, time.perf_counter() - started)
             return self._failed_attempt(claim, queued, exc, clock(), via, mailer)
+        self.metrics.sent_in(relay, time.perf_counter() - started)
+        return queued, refused
 
     def _failed_attempt(self, claim: Claim, queued: _Queued, exc: Exception,
                         now: float, via: str = "", mailer: Any = None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import errno
 import logging
 import os
@@ -20,6 +21,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 from mailoutbox.cli.common import add_common_arguments
@@ -48,7 +50,9 @@ __all__ = [
     "check_access",
     "make_mailer",
     "make_processor",
+    "metrics_address",
     "run",
+    "serving_metrics",
 ]
 
 
@@ -156,6 +160,11 @@ def add_parser(commands: Any) -> None:
         " (default: 5d)",
     )
     parser.add_argument(
+        "--metrics", metavar="HOST:PORT", type=metrics_address,
+        help="with --daemon: serve Prometheus metrics at"
+        " http://HOST:PORT/metrics (needs mailoutbox[metrics])",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true",
         help="show no progress bar, even on a terminal",
     )
@@ -164,6 +173,40 @@ def add_parser(commands: Any) -> None:
         " even those)",
     )
     parser.set_defaults(func=run, log_level=0)
+
+
+def metrics_address(text: str) -> tuple[str, int]:
+    """The ``(host, port)`` of ``--metrics`` (an argparse type)."""
+    from mailoutbox.metrics import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def serving_metrics(processor: Any, address: tuple[str, int] | None) -> Iterator[None]:
+    """Serve the metrics of *processor* at *address* (if given) meanwhile."""
+    if address is None:
+        yield
+        return
+    from mailoutbox.metrics import MetricsServer
+
+    server = MetricsServer(processor, *address)
+    try:
+        server.start()
+    except ImportError as exc:
+        raise CLIError(str(exc), EXIT_ERROR) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CLIError(
+            f"cannot serve metrics at {address[0]}:{address[1]}: {reason}"
+        ) from None
+    try:
+        yield
+    finally:
+        server.stop()
 
 
 def make_mailer(settings: Settings | RelaySettings) -> Any:
@@ -326,6 +369,9 @@ class Runner:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    if args.metrics is not None and not args.daemon:
+        raise CLIError("--metrics needs --daemon (a single pass has nothing to"
+                       " serve metrics for)")
     settings = resolve(args, console)
     processor = make_processor(settings, make_mailer(settings))
     path = str(settings.queue_path)
@@ -334,7 +380,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     check_access(path)
     with Runner(processor, console) as runner:
         if args.daemon:
-            runner.forever()
+            with serving_metrics(processor, args.metrics):
+                runner.forever()
             return EXIT_OK
         show = console.is_terminal() and not args.no_progress and not args.quiet
         progress = Progress(console) if show else None
