@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -356,6 +357,11 @@ def test_the_watcher_follows_relay_folders(watcher, queue_path):
     assert wait_for(lambda: not watcher.covers(None))
     os.mkdir(os.path.join(queue_path, "new"))  # made again: watched again
     assert wait_for(lambda: watcher.covers(None))
+    os.mkdir(os.path.join(queue_path, "failed"))  # nothing to watch in it
+    shutil.rmtree(relays.relay_path(queue_path, "crm"))
+    assert wait_for(lambda: not watcher.covers("crm"))
+    assert wait_for(lambda: all(lane != "crm" for _kind, lane, _path
+                                in list(watcher._watches.values())))
 
 
 def test_the_watcher_of_a_relay_folder_being_made(watcher, queue_path):
@@ -388,6 +394,12 @@ def test_the_watcher_of_a_queue_whose_new_folder_appears(queue_path):
     finally:
         watcher.thread = None
         watcher.close()
+
+
+def test_a_missing_queue_is_not_watched(tmp_path, caplog):
+    watcher = wakeup.FolderWatcher(str(tmp_path / "nowhere"), Collector())
+    assert not watcher.start()
+    assert "cannot watch" in caplog.text and watcher.fd == -1
 
 
 def test_the_watcher_wakes_everything_after_an_overflow(watcher):
