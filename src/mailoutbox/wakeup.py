@@ -370,6 +370,7 @@ class Wakeup:
             try:
                 if watcher.start():
                     self.watcher = watcher
+                    log.info("watching %s for new messages", self.key)
             except Exception:  # e.g. out of file descriptors: poll
                 log.error("cannot watch %s for new messages: checking it every"
                           " interval", self.key, exc_info=True)
