@@ -186,9 +186,10 @@ class FolderWatcher:
         self._warned = False
 
     def covers(self, name: str | None) -> bool:
-        """Whether ``new/`` of the lane *name* is watched (safe from any
-        thread)."""
-        return self.thread is not None and name in self._new
+        """Whether ``new/`` of the lane *name* is watched by a live thread
+        (safe from any thread)."""
+        thread = self.thread
+        return thread is not None and thread.is_alive() and name in self._new
 
     def start(self) -> bool:
         try:

@@ -7,9 +7,10 @@ the processor after the messages in flight; a second SIGINT stops at once
 daemon sends a message as soon as it is queued, by any process (on Linux,
 where it watches the queue's folders with inotify; elsewhere, and as a
 fallback, at its next check every ``--interval`` seconds): see
-:mod:`mailoutbox.wakeup`.  The messages routed to a relay are sent through the SMTP server of the
-``[mailoutbox:relay NAME]`` section of the ``--config`` file; while a relay
-has no section, its messages are deferred.
+:mod:`mailoutbox.wakeup`.  The messages routed to a relay are sent
+through the SMTP server of the ``[mailoutbox:relay NAME]`` section of
+the ``--config`` file; while a relay has no section, its messages are
+deferred.
 """
 from __future__ import annotations
 
