@@ -396,6 +396,26 @@ def test_the_watcher_of_a_queue_whose_new_folder_appears(queue_path):
         watcher.close()
 
 
+def test_a_limit_of_inotify_instances_is_a_warning(queue_path, monkeypatch,
+                                                   caplog):
+    def limited():
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    Maildir(queue_path, create=True)
+    monkeypatch.setattr(wakeup, "inotify_init", limited)
+    assert not wakeup.FolderWatcher(queue_path, Collector()).start()
+    [record] = caplog.records
+    assert record.levelname == "WARNING" and "not watching" in record.getMessage()
+
+
+def test_without_inotify_a_note_is_logged(queue_path, no_inotify, caplog):
+    caplog.set_level(logging.INFO, "mailoutbox.wakeup")
+    Maildir(queue_path, create=True)
+    assert not wakeup.FolderWatcher(queue_path, Collector()).start()
+    [record] = caplog.records
+    assert record.levelname == "INFO"
+
+
 def test_a_missing_queue_is_not_watched(tmp_path, caplog):
     watcher = wakeup.FolderWatcher(str(tmp_path / "nowhere"), Collector())
     assert not watcher.start()

@@ -195,8 +195,11 @@ class FolderWatcher:
         try:
             self.fd = inotify_init()
         except OSError as exc:
-            log.info("not watching %s for new messages (%s): checking it every"
-                     " interval", self.path, exc)
+            # No inotify here is normal; a limit reached (EMFILE: the
+            # user's inotify instances) is worth a warning.
+            log.log(logging.INFO if exc.errno == errno.ENOSYS else logging.WARNING,
+                    "not watching %s for new messages (%s): checking it every"
+                    " interval", self.path, exc)
             return False
         self._pipe = os.pipe()
         _watchers.add(self)
