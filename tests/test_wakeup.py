@@ -183,6 +183,7 @@ def test_without_inotify_the_interval_is_the_fallback(
     assert len(processor.scans) >= 2
 
 
+@pytest.mark.slow
 def test_an_idle_processor_passes_only_every_interval(
         smtp_server, queue_path, make_processor):
     """No busy loop: the watcher's thread and the processor's own files
@@ -204,7 +205,7 @@ def test_a_burst_of_commits_does_not_make_a_pass_per_message(
         smtp_server, queue_path, make_processor):
     processor = make_processor(smtp_server)
     first_pass_over(smtp_server, queue_path)
-    smtp_server.slow(0.3)  # each send takes a while: commits come meanwhile
+    smtp_server.slow(0.1)  # each send takes a while: commits come meanwhile
     ids = commit(queue_path, 20, prefix="burst")
     assert wait_for(lambda: set(ids) <= set(smtp_server.message_ids()), 60)
     # One pass per message would be 21; a wake during a pass makes one more.
