@@ -38,6 +38,7 @@ from transaction.interfaces import IDataManagerSavepoint
 from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
+from mailoutbox import wakeup
 from mailoutbox._commit import CommitRecord
 from mailoutbox.address import parse_address
 from mailoutbox.errors import classify
@@ -240,6 +241,8 @@ class QueuedDataManager(_DataManager):
                 )
         if record is not None and not stuck:
             record.remove()  # else roll_forward() moves what is left
+        if self.writers:  # start the processor's pass now (never raises)
+            wakeup.committed(self.delivery.queuePath, self.maildirs)
         self.writers = []
         self.messages = []
 

@@ -42,6 +42,7 @@ from typing import Any
 from mailoutbox._commit import roll_forward
 from mailoutbox.maildir import Maildir
 from mailoutbox.relays import relay_folders
+from mailoutbox.wakeup import WakeRequests
 from mailoutbox.workers import Heartbeat
 from mailoutbox.workers import Pass
 from mailoutbox.workers import ProgressCallback
@@ -64,6 +65,7 @@ class Lane:
     connections_open: bool = False  # the pool's workers may have some
     due: float = 0.0  # when the next pass may start (time.monotonic())
     started: float = -math.inf  # when the last pass started
+    again: bool = False  # woken during its pass: one more pass after it
 
     @property
     def busy(self) -> bool:
@@ -98,6 +100,8 @@ class Lanes:
         self.lanes: dict[str | None, Lane] = {}
         #: Set when a pass ends (and by stop()): the driver looks again.
         self.wakeup = threading.Event()
+        #: The lanes woken (:mod:`mailoutbox.wakeup`) and not yet started.
+        self.requests = WakeRequests()
         self._unusable: set[str] = set()
         #: Renews the claims of the passes in flight.
         self.heartbeat = Heartbeat(processor.lease / 3, processor.name)
@@ -234,6 +238,12 @@ class Lanes:
     def in_flight(self) -> list[Pass]:
         return [lane.job for lane in self.lanes.values() if lane.job is not None]
 
+    def wake(self, names: Any) -> None:
+        """Start a pass of the lanes *names* as soon as possible (one more
+        after the current one, if busy); see :mod:`mailoutbox.wakeup`."""
+        self.requests.add(names)
+        self.wakeup.set()
+
     def wait(self, timeout: float) -> None:
         """Wait until a pass ends or *timeout* seconds have passed."""
         self.wakeup.wait(max(0.0, timeout))
@@ -301,15 +311,17 @@ class Lanes:
 
     def run_forever(self) -> None:
         """Run every lane, each *interval* seconds after its last pass
-        ended (at once if that pass was cut by ``max_messages_per_pass``),
-        until the processor is stopped; errors are logged."""
+        ended (at once if that pass was cut by ``max_messages_per_pass``, or
+        if the lane was woken meanwhile), and at once when woken, until the
+        processor is stopped; errors are logged."""
         processor = self.processor
         stopping = processor._stopping
         next_refresh = -math.inf
         while not stopping.is_set():
             self.wakeup.clear()
             now = time.monotonic()
-            if now >= next_refresh:
+            woken = self.requests.take()
+            if now >= next_refresh or woken.unknown(self.lanes):
                 next_refresh = now + processor.interval
                 try:
                     self.refresh()
@@ -320,7 +332,12 @@ class Lanes:
             for lane in self._order():
                 stats = self.collect(lane)
                 if stats is not None:
-                    lane.due = now + (0.0 if stats.limited else processor.interval)
+                    lane.due = now + (0.0 if stats.limited or lane.again
+                                      else processor.interval)
+                    lane.again = False
+                if lane.name in woken:
+                    lane.again = lane.busy
+                    lane.due = min(lane.due, now)
                 if (lane.busy or lane.due > now or stopping.is_set()
                         or not self._slot_free(lane)):
                     continue

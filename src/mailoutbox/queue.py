@@ -36,6 +36,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,8 @@ from mailoutbox.retry import RetryPolicy
 from mailoutbox.sending import MessageSender
 from mailoutbox.sending import _MissingMailer
 from mailoutbox.sending import message_id_of
+from mailoutbox.wakeup import ALL
+from mailoutbox.wakeup import Wakeup
 from mailoutbox.workers import SKIPPED
 from mailoutbox.workers import Pass
 from mailoutbox.workers import ProgressCallback
@@ -120,6 +123,8 @@ class QueueProcessorThread(MessageSender, threading.Thread):
     #: Turns exceptions raised by the mailer into MailErrors (a seam).
     classify = staticmethod(errors.classify)
     maildir_factory = Maildir
+    #: What wakes the running thread when a message is queued (a seam).
+    wakeup_factory: Callable[[Any], Any] = Wakeup
     mailer: Any = None
     maildir: Maildir | None = None
 
@@ -240,8 +245,10 @@ class QueueProcessorThread(MessageSender, threading.Thread):
                 self._shutdown()
             return
         atexit.register(self.stop)
+        wakeup = self.wakeup_factory(self)
         try:
             with self._pass_lock:
+                wakeup.start()
                 self._pass_owner = self
                 while not self._stopping.is_set():
                     try:
@@ -252,8 +259,24 @@ class QueueProcessorThread(MessageSender, threading.Thread):
                         self._stopping.wait(self.interval)
                 self._pass_owner = None
         finally:
+            wakeup.stop()
             atexit.unregister(self.stop)
             self._shutdown()
+
+    def wake(self, relays: Iterable[str | None] | None = None) -> None:
+        """Start a pass of the queue now, rather than after the interval.
+
+        *relays* names the folders to pass over: relay names, and ``None``
+        for the queue itself; by default, every folder.  A folder whose
+        pass is running gets one more pass after it, however many wakes
+        came meanwhile.  Safe to call from any thread; does nothing unless
+        the processor's thread runs.  Messages queued in this process, or
+        (on Linux) by any process, wake the thread by themselves: see
+        :mod:`mailoutbox.wakeup`.
+        """
+        if isinstance(relays, (str, bytes)):
+            raise TypeError(f"give a collection of relay names, not {relays!r}")
+        self._lanes.wake([ALL] if relays is None else relays)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop after the messages in flight.

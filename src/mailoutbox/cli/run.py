@@ -4,9 +4,13 @@ The options and the ``--config`` file are those of zope.sendmail's
 ``zope-sendmail`` script, plus mailoutbox's own.  SIGTERM and SIGINT stop
 the processor after the messages in flight; a second SIGINT stops at once
 (the claims of the messages it interrupts expire after the lease).  The
-messages routed to a relay are sent through the SMTP server of the
-``[mailoutbox:relay NAME]`` section of the ``--config`` file; while a relay
-has no section, its messages are deferred.
+daemon sends a message as soon as it is queued, by any process (on Linux,
+where it watches the queue's folders with inotify; elsewhere, and as a
+fallback, at its next check every ``--interval`` seconds): see
+:mod:`mailoutbox.wakeup`.  The messages routed to a relay are sent
+through the SMTP server of the ``[mailoutbox:relay NAME]`` section of
+the ``--config`` file; while a relay has no section, its messages are
+deferred.
 """
 from __future__ import annotations
 
@@ -71,11 +75,13 @@ def add_parser(commands: Any) -> None:
     add_queue_argument(parser)
     parser.add_argument(
         "--daemon", action="store_true", default=None,
-        help="keep running, checking the queue every --interval seconds",
+        help="keep running: send each message as soon as it is queued (on"
+        " Linux), and check the queue every --interval seconds",
     )
     parser.add_argument(
         "--interval", metavar="SECONDS", type=duration,
-        help="how often the daemon checks the queue (default: 3)",
+        help="how often the daemon checks the queue, for messages it was"
+        " not woken for (default: 3)",
     )
     smtp = parser.add_argument_group("SMTP server")
     smtp.add_argument(
