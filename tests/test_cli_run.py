@@ -310,7 +310,7 @@ def test_sigint_stops_a_single_pass_after_the_message_in_flight(smtp_server,
 def test_an_error_in_the_pass_is_reported(queue_path, monkeypatch):
     from mailoutbox.queue import QueueProcessorThread
 
-    def broken(self, now=None, on_progress=None):
+    def broken(self, now=None, on_progress=None, flush=False):
         raise RuntimeError("the pass broke")
 
     monkeypatch.setattr(QueueProcessorThread, "process_queue", broken)

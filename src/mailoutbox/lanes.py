@@ -30,6 +30,7 @@ messages in flight are renewed by a thread of their own
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -152,11 +153,11 @@ class Lanes:
     # -- one pass of one lane -------------------------------------------------
 
     def start(self, lane: Lane, clock: Callable[[], float],
-              on_progress: _Progress | None) -> None:
+              on_progress: _Progress | None, flush: bool = False) -> None:
         """List the lane's folder, tidy it up and hand its messages to its
-        workers.  Errors of the listing, and
-        :class:`~mailoutbox.workers.WorkerStartError`, are raised (the lane
-        is then idle)."""
+        workers (with *flush*, the deferred ones too, due or not).  Errors
+        of the listing, and :class:`~mailoutbox.workers.WorkerStartError`,
+        are raised (the lane is then idle)."""
         processor = self.processor
         maildir = lane.maildir
         roll_forward(maildir)  # transactions that a crash cut short
@@ -168,6 +169,8 @@ class Lanes:
             processor.log.exception("error while tidying up %s", maildir.path)
         mailer = processor.mailer if lane.name is None else \
             processor.mailer_for(lane.name)
+        if flush:  # every deferred message is due
+            scan = dataclasses.replace(scan, retry_at={})
         job = Pass(maildir, scan, clock, processor._stopping,
                    processor.max_messages_per_pass, on_progress,
                    processor.concurrency, mailer=mailer, relay=lane.name,
@@ -199,6 +202,9 @@ class Lanes:
             return None
         lane.job = None
         self.heartbeat.discard(job)
+        summary = job.deferrals.summary(lane.name)
+        if summary is not None:
+            self.processor.log.warning(summary[0], *summary[1])
         stats = job.stats
         if stats.attempted:
             lane.connections_open = True
@@ -246,8 +252,10 @@ class Lanes:
     # -- driving the lanes ----------------------------------------------------
 
     def run_once(self, clock: Callable[[], float],
-                 on_progress: ProgressCallback | None) -> Stats:
-        """One pass over every lane; return the sum of their stats.
+                 on_progress: ProgressCallback | None,
+                 flush: bool = False) -> Stats:
+        """One pass over every lane; return the sum of their stats.  With
+        *flush*, deferred messages are due whatever their retry time.
 
         An error listing the queue itself is raised; an error listing a
         relay folder is logged.
@@ -260,7 +268,7 @@ class Lanes:
         progress = None if on_progress is None else _Progress(on_progress)
         pending = deque(self._order())
         main = pending.popleft()
-        self.start(main, clock, progress)  # the queue itself, first
+        self.start(main, clock, progress, flush)  # the queue itself, first
         running = [main]
         try:
             while True:
@@ -274,7 +282,7 @@ class Lanes:
                        and self._slot_free(pending[0])):
                     lane = pending.popleft()
                     try:
-                        self.start(lane, clock, progress)
+                        self.start(lane, clock, progress, flush)
                     except Exception:
                         processor.log.exception(
                             "error while processing the queue %s",
