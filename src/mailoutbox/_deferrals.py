@@ -53,7 +53,7 @@ class Deferrals:
         text = "deferred %d message(s)%s%s, e.g. %s: %s"
         args: list[object] = [
             self.count, "" if relay is None else f" via relay {relay!r}",
-            "" if server is None else f" ({server})", first, error]
+            "" if server is None else f" through {server}", first, error]
         if others:
             text += " (%d of them for other reasons)"
             args.append(others)

@@ -425,7 +425,9 @@ def _reason(message_id: str, text: str, now: float, code: int | None = None,
             sent: list[str] | None = None) -> dict[str, Any]:
     """What is recorded next to a message in the failed area."""
     state = state or {}
+    server = {"server": state["server"]} if "server" in state else {}
     return {
+        **server,
         "message_id": message_id,
         "permanent": True,
         "code": code,
