@@ -93,7 +93,8 @@ def test_list_shows_the_smtp_code_and_server_of_a_421(queue_path, smtp_sink):
     assert message["code"] == 421
     assert message["server"] == f"127.0.0.1:{sink.port}"
     line = cli("list", queue_path).out.splitlines()[1]
-    assert f"(code 421, server 127.0.0.1:{sink.port}, attempt 1, next attempt in" in line
+    assert (f"(code 421, server 127.0.0.1:{sink.port}, attempt 1, next attempt in"
+            in line)
 
 
 def test_list_tells_why_a_message_failed(queue_path, smtp_server):

@@ -134,7 +134,7 @@ def test_errors_of_one_message_keep_their_own_lines(queue_path, smtp_server):
     assert done.stdout.startswith(b"sent 1, deferred 1, failed 1")
     lines = log_lines(done.stderr)
     assert len(lines) == 2, done.stderr
-    levels = dict((("gone" in line, level) for level, line in lines))
+    levels = {"gone" in line: level for level, line in lines}
     assert levels == {True: "ERROR", False: "WARNING"}
     assert any("could not send grey@example.org (attempt 1)" in line
                for _level, line in lines)
