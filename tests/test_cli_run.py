@@ -232,14 +232,16 @@ def test_progress_bar_draws_after_a_delay_and_is_erased():
     assert err.getvalue() == ""  # too early
     clock.now += 1.0
     progress(2, 10)
-    assert err.getvalue() == "\rsending [######........................] 2/10  2.0/s"
+    assert err.getvalue() == (
+        "\rsending [######........................] 2/10  2.0 msg/s  4s left")
     clock.now += 0.05
     progress(3, 10)  # too soon after the last drawing
     assert err.getvalue().count("\r") == 1
     progress(10, 10)  # the end is always drawn
-    assert err.getvalue().endswith("\rsending [" + "#" * 30 + "] 10/10  9.5/s")
+    assert err.getvalue().endswith(  # padded over the longer line before
+        "\rsending [" + "#" * 30 + "] 10/10  9.5 msg/s" + " " * 8)
     progress.close()
-    width = len("sending [" + "#" * 30 + "] 10/10  9.5/s")
+    width = len("sending [" + "#" * 30 + "] 10/10  9.5 msg/s")  # the last one
     assert err.getvalue().endswith("\r" + " " * width + "\r")
     before = err.getvalue()
     progress.close()  # erased once only
@@ -310,7 +312,7 @@ def test_sigint_stops_a_single_pass_after_the_message_in_flight(smtp_server,
 def test_an_error_in_the_pass_is_reported(queue_path, monkeypatch):
     from mailoutbox.queue import QueueProcessorThread
 
-    def broken(self, now=None, on_progress=None):
+    def broken(self, now=None, on_progress=None, flush=False):
         raise RuntimeError("the pass broke")
 
     monkeypatch.setattr(QueueProcessorThread, "process_queue", broken)

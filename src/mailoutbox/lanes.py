@@ -30,6 +30,7 @@ messages in flight are renewed by a thread of their own
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -156,11 +157,11 @@ class Lanes:
     # -- one pass of one lane -------------------------------------------------
 
     def start(self, lane: Lane, clock: Callable[[], float],
-              on_progress: _Progress | None) -> None:
+              on_progress: _Progress | None, flush: bool = False) -> None:
         """List the lane's folder, tidy it up and hand its messages to its
-        workers.  Errors of the listing, and
-        :class:`~mailoutbox.workers.WorkerStartError`, are raised (the lane
-        is then idle)."""
+        workers (with *flush*, the deferred ones too, due or not).  Errors
+        of the listing, and :class:`~mailoutbox.workers.WorkerStartError`,
+        are raised (the lane is then idle)."""
         processor = self.processor
         maildir = lane.maildir
         roll_forward(maildir)  # transactions that a crash cut short
@@ -173,6 +174,8 @@ class Lanes:
             processor.log.exception("error while tidying up %s", maildir.path)
         mailer = processor.mailer if lane.name is None else \
             processor.mailer_for(lane.name)
+        if flush:  # every deferred message is due
+            scan = dataclasses.replace(scan, retry_at={})
         job = Pass(maildir, scan, clock, processor._stopping,
                    processor.max_messages_per_pass, on_progress,
                    processor.concurrency, mailer=mailer, relay=lane.name,
@@ -205,6 +208,9 @@ class Lanes:
         lane.job = None
         self.heartbeat.discard(job)
         self.processor.metrics.pass_ended(lane.name)
+        summary = job.deferrals.summary(lane.name)
+        if summary is not None:
+            self.processor.log.warning(summary[0], *summary[1])
         stats = job.stats
         if stats.attempted:
             lane.connections_open = True
@@ -258,8 +264,10 @@ class Lanes:
     # -- driving the lanes ----------------------------------------------------
 
     def run_once(self, clock: Callable[[], float],
-                 on_progress: ProgressCallback | None) -> Stats:
-        """One pass over every lane; return the sum of their stats.
+                 on_progress: ProgressCallback | None,
+                 flush: bool = False) -> Stats:
+        """One pass over every lane; return the sum of their stats.  With
+        *flush*, deferred messages are due whatever their retry time.
 
         An error listing the queue itself is raised; an error listing a
         relay folder is logged.
@@ -273,7 +281,7 @@ class Lanes:
         pending = deque(self._order())
         main = pending.popleft()
         try:
-            self.start(main, clock, progress)  # the queue itself, first
+            self.start(main, clock, progress, flush)  # the queue itself, first
         except Exception:
             processor.metrics.pass_failed(None)
             raise
@@ -290,7 +298,7 @@ class Lanes:
                        and self._slot_free(pending[0])):
                     lane = pending.popleft()
                     try:
-                        self.start(lane, clock, progress)
+                        self.start(lane, clock, progress, flush)
                     except Exception:
                         processor.metrics.pass_failed(lane.name)
                         processor.log.exception(

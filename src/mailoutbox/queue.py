@@ -348,14 +348,19 @@ class QueueProcessorThread(MessageSender, threading.Thread):
     # -- one pass -------------------------------------------------------------
 
     def process_queue(self, now: float | None = None,
-                      on_progress: ProgressCallback | None = None) -> Stats:
+                      on_progress: ProgressCallback | None = None, *,
+                      flush: bool = False) -> Stats:
         """Make one pass over the queue and each of its relay folders (in
         parallel) and return their :class:`Stats` added up.
 
         *now* (seconds since the epoch) replaces the clock for deciding
         which deferred messages are due and when to try them again.
         *on_progress* is called as ``on_progress(done, total)`` after each
-        message, from the worker threads, one call at a time.  Call
+        message, from the worker threads, one call at a time.  With *flush*,
+        every deferred message is attempted now, whatever the time of its
+        next attempt (as Postfix's ``postqueue -f`` does); a message that
+        fails again is deferred by the retry policy, its attempts counted.
+        Call
         :meth:`stop` when done with the processor: the worker threads and
         connections are kept for the next pass until then.
         """
@@ -364,7 +369,7 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         with self._pass_lock:
             self._pass_owner = threading.current_thread()
             try:
-                return self._lanes.run_once(clock, on_progress)
+                return self._lanes.run_once(clock, on_progress, flush)
             finally:
                 self._pass_owner = None
                 if self._stopping.is_set():

@@ -31,6 +31,7 @@ from typing import Any
 import zope.event
 
 from mailoutbox import errors
+from mailoutbox._deferrals import Deferrals
 from mailoutbox._smtp import envelope_address
 from mailoutbox.envelope import format_envelope
 from mailoutbox.envelope import parse_queue_file
@@ -119,7 +120,7 @@ class MessageSender:
         via = "" if job.relay is None else f" via relay {job.relay!r}"
         try:
             outcome = self._read_and_send(claim, job.now, job.mailer, via,
-                                          relay=job.relay)
+                                          job.deferrals, relay=job.relay)
         except BaseException:
             claim.release()  # nothing was sent: give the message back
             raise
@@ -128,7 +129,8 @@ class MessageSender:
         queued, refused = outcome
         refused = dict(refused or {})
         if refused:
-            return self._settle(claim, queued, refused, job.now(), via)
+            return self._settle(claim, queued, refused, job.now(), via,
+                                _address(job.mailer))
         try:
             claim.complete()
         except BaseException:
@@ -141,7 +143,7 @@ class MessageSender:
         return SENT
 
     def _read_and_send(self, claim: Claim, clock: Callable[[], float],
-                       mailer: Any, via: str = "", *,
+                       mailer: Any, via: str, deferrals: Deferrals, *,
                        relay: str | None = None) -> str | tuple[_Queued, Any]:
         """Send the message, or end the claim if it cannot be sent (now).
 
@@ -167,14 +169,20 @@ class MessageSender:
             refused = mailer.send(fromaddr, toaddrs, message)
         except Exception as exc:
             self.metrics.sent_in(relay, time.perf_counter() - started)
-            return self._failed_attempt(claim, queued, exc, clock(), via, mailer)
+            return self._failed_attempt(claim, queued, exc, clock(), via, mailer,
+                                        deferrals)
         self.metrics.sent_in(relay, time.perf_counter() - started)
         return queued, refused
 
     def _failed_attempt(self, claim: Claim, queued: _Queued, exc: Exception,
-                        now: float, via: str = "", mailer: Any = None) -> str:
+                        now: float, via: str, mailer: Any,
+                        deferrals: Deferrals) -> str:
         """Defer the message, or fail it if the error is permanent or the
-        message has been retried long enough."""
+        message has been retried long enough.
+
+        A deferral that is the relay's doing (not one of the message's
+        recipients refused) is counted in *deferrals*, which the pass logs
+        as one line, and logged at INFO only."""
         message_id = queued.message_id
         try:
             error = self.classify(exc)
@@ -184,13 +192,17 @@ class MessageSender:
         if (isinstance(error, errors.RecipientsRefused)
                 and len({_permanent(reply) for reply in error.refused.values()}) > 1):
             # Some refused for good, others for now: split the message.
-            return self._settle(claim, queued, error.refused, now, via)
+            return self._settle(claim, queued, error.refused, now, via,
+                                _address(mailer))
         previous = claim.retry_state() or {}
         state = record_failure(self.retry, previous, now,
                                code=error.code, error=str(error))
         for key in ("sent",):  # of a message partly sent before
             if key in previous:
                 state[key] = previous[key]
+        server = _address(mailer)
+        if server is not None:
+            state["server"] = server
         if not error.permanent and not state.pop("expired"):
             claim.defer(state["next_attempt"], state)
             wait = state["next_attempt"] - now
@@ -201,10 +213,17 @@ class MessageSender:
                     " queued, attempt %d, next in %.0f s): %s",
                     message_id, via, _server(mailer), state["attempts"], wait,
                     error)
-            else:
+            elif error.refused:  # the message's own recipients
                 self.log.warning(
                     "could not send %s%s (attempt %d), will try again in %.0f s:"
                     " %s", message_id, via, state["attempts"], wait, error)
+            else:
+                deferrals.add(message_id, server, str(error), wait)
+                self.log.info(
+                    "could not send %s (%d recipient(s))%s%s (attempt %d), will"
+                    " try again in %.0f s: %s", message_id, len(queued.toaddrs),
+                    via, "" if server is None else f" through {server}",
+                    state["attempts"], wait, error)
             self._notify(MailErrorEvent(message_id, str(error), permanent=False,
                                         code=error.code, deferred=error.refused))
             return DEFERRED
@@ -216,7 +235,7 @@ class MessageSender:
 
     def _settle(self, claim: Claim, queued: _Queued,
                 refused: Mapping[str, tuple[int, str]], now: float,
-                via: str) -> str:
+                via: str, server: str | None = None) -> str:
         """End the claim of a message refused for some of its recipients.
 
         The server accepted it for the others (if any), which must never
@@ -244,6 +263,8 @@ class MessageSender:
                 error="refused for now: " + _listing(deferred))
             state["deferred"] = deferred
             state["sent"] = had_it
+            if server is not None:
+                state["server"] = server
             if state.pop("expired"):
                 failed.update(deferred)
                 deferred = {}
@@ -366,12 +387,18 @@ UNHANDLED = {"mailoutbox_unhandled": True}
 _CONFIGURATION_ERRORS = errors.MailConfigurationError
 
 
-def _server(mailer: Any) -> str:
-    """The server a mailer sends to, for a log line."""
+def _address(mailer: Any) -> str | None:
+    """``host:port`` of the server a mailer sends to, if it has one."""
     host = getattr(mailer, "hostname", None)
     if host is None:
-        return repr(mailer)
+        return None
     return f"{host}:{getattr(mailer, 'port', '')}".rstrip(":")
+
+
+def _server(mailer: Any) -> str:
+    """The server a mailer sends to, for a log line."""
+    address = _address(mailer)
+    return repr(mailer) if address is None else address
 
 
 def _permanent(reply: tuple[int, str]) -> bool:
@@ -412,7 +439,9 @@ def _reason(message_id: str, text: str, now: float, code: int | None = None,
             sent: list[str] | None = None) -> dict[str, Any]:
     """What is recorded next to a message in the failed area."""
     state = state or {}
+    server = {"server": state["server"]} if "server" in state else {}
     return {
+        **server,
         "message_id": message_id,
         "permanent": True,
         "code": code,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+from mailoutbox._deferrals import Deferrals
 from mailoutbox.maildir import Claim
 from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
@@ -115,6 +116,8 @@ class Pass:
         self.now = now
         self.total = len(scan.entries)
         self.stats = Stats()
+        #: The messages deferred for the relay's reasons (logged as one line).
+        self.deferrals = Deferrals()
         self.finished = threading.Event()
         self._stopping = stopping
         self._limit = limit

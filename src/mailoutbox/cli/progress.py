@@ -6,12 +6,15 @@ import time
 from collections.abc import Callable
 
 from mailoutbox.cli.console import Console
+from mailoutbox.cli.view import format_age
 
 __all__ = ["Progress"]
 
 
 class Progress:
-    """``progress(done, total)`` draws a bar on the console's stderr.
+    """``progress(done, total)`` draws a bar on the console's stderr: how
+    many of the pass's messages are done, at what rate (messages per second
+    since the pass started) and the time left at that rate.
 
     Nothing is drawn during the first *delay* seconds, so a short pass
     stays quiet, nor more often than every *every* seconds.  Safe to call
@@ -41,12 +44,21 @@ class Progress:
                 return
             self.drawn = now
             self.shown = True
-            filled = self.width * done // max(total, 1)
-            rate = done / max(now - self.started, 1e-9)
-            bar = "#" * filled + "." * (self.width - filled)
-            line = f"sending [{bar}] {done}/{total}  {rate:.1f}/s"
+            line = self.render(done, total, now - self.started)
             self._write("\r" + line.ljust(self._length))
             self._length = len(line)
+
+    def render(self, done: int, total: int, elapsed: float) -> str:
+        """The bar for *done* of *total* messages after *elapsed* seconds:
+        the rate so far, in messages per second, and the time left at that
+        rate (left out while nothing is done yet)."""
+        filled = self.width * min(done, total) // max(total, 1)
+        rate = done / max(elapsed, 1e-9)
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"sending [{bar}] {done}/{total}  {rate:.1f} msg/s"
+        if done and total > done:
+            line += f"  {format_age((total - done) / rate)} left"
+        return line
 
     def close(self) -> None:
         with self._lock:

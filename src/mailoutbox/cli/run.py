@@ -79,6 +79,12 @@ def add_parser(commands: Any) -> None:
         " Linux), and check the queue every --interval seconds",
     )
     parser.add_argument(
+        "--flush", action="store_true",
+        help="try every deferred message now, whatever the time of its next"
+        " attempt, as Postfix's 'postqueue -f' does (with --daemon: in the"
+        " first pass only)",
+    )
+    parser.add_argument(
         "--interval", metavar="SECONDS", type=duration,
         help="how often the daemon checks the queue, for messages it was"
         " not woken for (default: 3)",
@@ -339,16 +345,16 @@ class Runner:
                 break
         thread.join()
 
-    def once(self, on_progress: Callable[[int, int], None] | None,
-             poll: float = 0.1) -> Any:
-        """One pass over the queue (in a thread, so that a signal can stop
-        it between two messages)."""
+    def _one_pass(self, on_progress: Callable[[int, int], None] | None,
+                  poll: float, flush: bool) -> dict[str, Any]:
+        """Make one pass (in a thread, so that a signal can stop it between
+        two messages); its stats or the error it raised."""
         outcome: dict[str, Any] = {}
 
         def one_pass() -> None:
             try:
                 outcome["stats"] = self.processor.process_queue(
-                    on_progress=on_progress
+                    on_progress=on_progress, flush=flush
                 )
             except BaseException as exc:  # handed to the main thread
                 outcome["error"] = exc
@@ -358,13 +364,28 @@ class Runner:
         )
         thread.start()
         self._until_stopped(thread, poll)  # a 2nd Ctrl-C does not wait
+        return outcome
+
+    def once(self, on_progress: Callable[[int, int], None] | None,
+             poll: float = 0.1, flush: bool = False) -> Any:
+        """One pass over the queue (with *flush*, deferred messages are
+        due whatever their retry time)."""
+        outcome = self._one_pass(on_progress, poll, flush)
         self.processor.stop()
         if "error" in outcome:
             raise outcome["error"]
         return outcome["stats"]
 
-    def forever(self, poll: float = 0.5) -> None:
-        """Run the processor's thread until a signal asks to stop."""
+    def forever(self, poll: float = 0.5, flush: bool = False) -> None:
+        """Run the processor's thread until a signal asks to stop; with
+        *flush*, its first pass is a flush (see :meth:`once`)."""
+        if flush:
+            outcome = self._one_pass(None, poll, True)
+            if "error" in outcome or self.stop_requested.is_set():
+                self.processor.stop()
+                if "error" in outcome:
+                    raise outcome["error"]
+                return
         self.processor.start()
         try:
             self._until_stopped(self.processor, poll)
@@ -387,7 +408,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     with Runner(processor, console) as runner:
         if args.daemon:
             with serving_metrics(processor, args.metrics):
-                runner.forever()
+                runner.forever(flush=args.flush)
             return EXIT_OK
         show = console.is_terminal() and not args.no_progress and not args.quiet
         progress = Progress(console) if show else None
@@ -396,7 +417,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         logger = logging.getLogger("mailoutbox")
         logger.addHandler(errors)
         try:
-            stats = runner.once(progress)
+            stats = runner.once(progress, flush=args.flush)
         finally:
             logger.removeHandler(errors)
             if progress is not None:

@@ -26,7 +26,8 @@ from mailoutbox.cli.view import format_time
 from mailoutbox.cli.view import read_file
 from mailoutbox.envelope import parse_queue_file
 
-__all__ = ["add_parsers", "list_messages", "show", "status", "status_data"]
+__all__ = ["add_parsers", "describe_error", "list_messages", "show", "show_data",
+           "status", "status_data"]
 
 #: Format version of ``status --json`` and ``list --json``.
 JSON_VERSION = 1
@@ -50,7 +51,9 @@ def add_parsers(commands: Any) -> None:
         "list",
         help="list the messages in the queue",
         description="List the messages waiting in the queue (queued, deferred"
-        " and sending), oldest first, or those of another state.",
+        " and sending), oldest first, or those of another state.  Under a"
+        " message tried before: its last error, SMTP code, server and"
+        " attempts, and when it is tried next (or why it failed).",
     )
     add_queue_argument(parser)
     which = parser.add_mutually_exclusive_group()
@@ -81,9 +84,13 @@ def add_parsers(commands: Any) -> None:
     )
     add_queue_argument(parser)
     parser.add_argument("id", metavar="ID", help="the message's id or Message-Id")
-    parser.add_argument(
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
         "--raw", action="store_true",
         help="print the message itself (headers and body) instead",
+    )
+    output.add_argument(
+        "--json", action="store_true", help="print one JSON object (see the docs)"
     )
     add_common_arguments(parser)
     parser.set_defaults(func=show)
@@ -183,7 +190,33 @@ def list_messages(args: argparse.Namespace, console: Console) -> int:
             _recipients(message),
             repr(subject) if subject is not None else "",
         ]).rstrip()))
+        why = describe_error(view, message)
+        if why is not None:
+            console.out(clean(f"    {why}"))
     return EXIT_OK
+
+
+def describe_error(view: QueueView, message: MessageInfo) -> str | None:
+    """The line under a message in ``list``: why it is deferred (its last
+    error, SMTP code, server, attempts) and when it is tried next, or why
+    it failed; None for a message never tried.  Unknown parts are left
+    out."""
+    last = message.last_error()
+    details = [f"{name} {last[name]}" for name in ("code", "server")
+               if last[name] is not None]
+    if last["attempts"]:
+        details.append(f"attempt {last['attempts']}")
+    if message.state == "deferred" and message.retry_at is not None:
+        details.append(f"next attempt in {format_age(message.retry_at - view.now)}")
+    elif message.state == "queued" and message.retry_at is not None:
+        details.append("next attempt due")
+    label = "error" if message.state == "failed" else "last error"
+    if last["error"] is None:
+        if not details:
+            return None
+        return ", ".join(details)
+    return f"{label}: {last['error']}" + (f" ({', '.join(details)})"
+                                          if details else "")
 
 
 def _describe_state(view: QueueView, message: MessageInfo) -> str:
@@ -204,6 +237,8 @@ def _state_lines(title: str, data: dict[str, Any] | None) -> list[str]:
     lines = [f"{title}:"]
     for key in sorted(data):
         value = data[key]
+        if value is None:
+            continue  # never "code: None"
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (
             key == "time" or key.endswith(("_at", "_time", "_attempt"))
         ) and value > 1e9:
@@ -217,6 +252,9 @@ def show(args: argparse.Namespace, console: Console) -> int:
     message = view.find(args.id)
     if args.raw:
         return _show_raw(message, console)
+    if args.json:
+        console.out(json.dumps(show_data(view, message), sort_keys=True))
+        return EXIT_OK
     head = message.head
     lines = [
         f"id:       {message.name}",
@@ -242,6 +280,25 @@ def show(args: argparse.Namespace, console: Console) -> int:
     for line in lines:
         console.out(clean(line))
     return EXIT_OK
+
+
+def show_data(view: QueueView, message: MessageInfo) -> dict[str, Any]:
+    """What ``show --json`` prints: the keys of ``list --json`` and
+    ``version``, ``queue``, ``time``, ``file``, ``retry_state``,
+    ``failure`` and ``headers``."""
+    record = message.record or None
+    headers = message.head.headers
+    return {
+        "version": JSON_VERSION,
+        "queue": os.path.abspath(view.maildir.path),
+        "time": view.now,
+        **message.as_dict(view.now),
+        "file": message.entry.path,
+        "retry_state": record if message.state != "failed" else None,
+        "failure": record if message.state == "failed" else None,
+        "headers": None if headers is None else [
+            [name, str(value)] for name, value in headers.items()],
+    }
 
 
 def _show_raw(message: MessageInfo, console: Console) -> int:

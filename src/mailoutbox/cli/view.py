@@ -168,6 +168,7 @@ class MessageInfo:
     maildir: Maildir | None = None
     #: The name of the relay (mailer) it is routed to; None: the default.
     relay: str | None = None
+    _record: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -179,11 +180,36 @@ class MessageInfo:
             self._head = read_head(self.entry)
         return self._head
 
+    @property
+    def record(self) -> dict[str, Any]:
+        """What the queue recorded about it: the retry state of a message
+        tried before (see :func:`mailoutbox.retry.record_failure`), or why
+        a failed message failed; ``{}`` when there is nothing (or nothing
+        readable)."""
+        if self._record is None:
+            maildir: Any = self.maildir
+            read = maildir.reason if self.state == "failed" else maildir.retry_state
+            self._record = read(self.entry) or {}
+        return self._record
+
+    def last_error(self) -> dict[str, Any]:
+        """``attempts``, ``error``, ``code`` and ``server`` of the last
+        failed attempt (each None when unknown, or not of the right type in
+        a damaged record)."""
+        record = self.record
+        return {
+            "attempts": _typed(record, "attempts", int),
+            "error": _typed(record, "error", str),
+            "code": _typed(record, "code", int),
+            "server": _typed(record, "server", str),
+        }
+
     def as_dict(self, now: float) -> dict[str, Any]:
         """The message as JSON-able data (see the ``list --json`` keys)."""
         head = self.head
         routed = {} if self.relay is None else {"relay": self.relay}
         return {
+            **self.last_error(),
             **routed,
             "id": self.name,
             "state": self.state,
@@ -196,6 +222,13 @@ class MessageInfo:
             "subject": head.header("Subject"),
             "problem": head.problem,
         }
+
+
+def _typed(record: dict[str, Any], key: str, kind: type) -> Any:
+    value = record.get(key)
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    return None
 
 
 def _queued_at(entry: Entry) -> float:
