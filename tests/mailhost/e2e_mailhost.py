@@ -257,6 +257,54 @@ def test_simple_send_with_non_ascii_text(server):
     assert received.message.get_content().strip() == "Grüße aus Köln"
 
 
+def test_addresses_with_display_names(server):
+    make_mailhost(server).send(
+        "Subject: Hello\n\nHi",
+        mto='"Doe, Jane" <jane@example.org>, Bob Smith <bob@example.org>',
+        mfrom="Jörg Müller <joerg@example.org>", charset="utf-8",
+    )
+    transaction.commit()
+    received = server.messages[0]
+    assert received.mail_from == "joerg@example.org"
+    assert received.rcpt_tos == ["jane@example.org", "bob@example.org"]
+
+
+def test_recipients_from_to_cc_and_bcc_headers(server):
+    make_mailhost(server).send(
+        f"From: {SENDER}\nTo: {RECIPIENT}\nCc: bob@example.org\n"
+        "Bcc: carol@example.org\nSubject: Hello\n\nHi"
+    )
+    transaction.commit()
+    received = server.messages[0]
+    assert received.rcpt_tos == [RECIPIENT, "bob@example.org", "carol@example.org"]
+    assert received.message["Bcc"] is None
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["direct", "queued"])
+def test_folded_from_header(server, tmp_path, queued):
+    """The sender is taken from the From header as it is, folded."""
+    mailhost = make_mailhost(server, smtp_queue=queued,
+                             smtp_queue_directory=str(tmp_path / "queue"))
+    mailhost.send(
+        "From: The customer service department of the example shop\n"
+        f" <{SENDER}>\nTo: {RECIPIENT}\nSubject: Your order\n\nThanks"
+    )
+    transaction.commit()
+    assert wait_for(lambda: server.messages)
+    assert server.messages[0].mail_from == SENDER
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["direct", "queued"])
+def test_local_recipient_without_domain(server, tmp_path, queued):
+    """mto='root' is the local mailbox of the relay, as with zope.sendmail."""
+    mailhost = make_mailhost(server, smtp_queue=queued,
+                             smtp_queue_directory=str(tmp_path / "queue"))
+    mailhost.send("Subject: cron\n\nDone", mto="root", mfrom=SENDER)
+    transaction.commit()
+    assert wait_for(lambda: server.messages)
+    assert server.messages[0].rcpt_tos == ["root"]
+
+
 def test_queued_send(server, tmp_path):
     queue = str(tmp_path / "queue")
     mailhost = make_mailhost(server, smtp_queue=True, smtp_queue_directory=queue)

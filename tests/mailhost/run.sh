@@ -54,8 +54,9 @@ rm -f "$WORK/results.xml"
 status=0
 (
     cd "$WORK"
-    # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pytest -c "$ROOT/tests/mailhost/pytest.ini" \
+    # At most 15 minutes: MailHost waits without a limit for its queue
+    # thread to stop.
+    timeout -k 30 900 "$VENV/bin/python" -m pytest -c "$ROOT/tests/mailhost/pytest.ini" \
         --rootdir "$WORK" --continue-on-collection-errors \
         --junitxml "$WORK/results.xml" ${EXCLUDE:+-k "not ($EXCLUDE)"} \
         --pyargs Products.MailHost "$ROOT/tests/mailhost/e2e_mailhost.py" "$@"
