@@ -330,22 +330,6 @@ def test_queued_send_to_a_single_string_and_several_messages(server, tmp_path):
     ]
 
 
-def test_queue_in_a_folder_holding_other_things(server, tmp_path):
-    """MailHost's default queue folder is /tmp: with zope.sendmail, a site
-    that turned the queue on and kept it queued in /tmp (recreating new/,
-    cur/ and tmp/ there after each reboot)."""
-    shared = tmp_path / "shared-tmp"
-    shared.mkdir()
-    (shared / "some-other-program.pid").write_text("1234\n")
-    (shared / "systemd-private-abc").mkdir()
-    mailhost = make_mailhost(server, smtp_queue=True,
-                             smtp_queue_directory=str(shared))
-    mailhost.send(TEXT)
-    transaction.commit()
-    assert wait_for(lambda: server.messages)
-    assert_received(server)
-
-
 def test_queue_only_mode_keeps_the_messages(server, tmp_path, monkeypatch):
     monkeypatch.setenv("MAILHOST_QUEUE_ONLY", "1")
     queue = str(tmp_path / "queue")
