@@ -4,7 +4,8 @@ Every case is a generated sender, recipient list and message (see the
 strategies in ``tests/test_properties.py``) sent through a
 :class:`~mailoutbox.delivery.QueuedMailDelivery` (then the real queue
 processor) or a :class:`~mailoutbox.delivery.DirectMailDelivery`, both with
-the real SMTPMailer, into the real in-process SMTP server.  Each case must
+the real SMTPMailer, into the real in-process SMTP server (a fresh harness
+per case).  Each case must
 either be refused by ``send()`` with ValueError/TypeError and nothing queued,
 or arrive with exactly the intended envelope and data (see
 ``SendHarness.check``).
@@ -25,7 +26,6 @@ import collections
 import logging
 import os
 import sys
-import tempfile
 import time
 import traceback
 
@@ -38,41 +38,40 @@ from hypothesis import given  # noqa: E402
 from hypothesis import seed  # noqa: E402
 from hypothesis import settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from tests.test_properties import SendHarness  # noqa: E402
 from tests.test_properties import cases as send_cases  # noqa: E402
+from tests.test_properties import fresh_harness  # noqa: E402
 
 
 def run(cases: int, seed_value: int) -> tuple[collections.Counter, list[str]]:
     """Run *cases* cases; return the outcomes counted and the failures."""
     counts: collections.Counter = collections.Counter()
     failures: list[str] = []
-    with tempfile.TemporaryDirectory() as directory:
-        harness = SendHarness(directory)
 
-        @seed(seed_value)
-        @settings(max_examples=cases, deadline=None, database=None,
-                  phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                  suppress_health_check=list(HealthCheck))
-        @given(case=send_cases(), direct=st.booleans())
-        def run_case(case, direct):
-            try:
-                outcome = harness.check(*case, direct=direct)
-            except BaseException:
-                counts["failing runs (incl. shrinking)"] += 1
-                raise
-            path = "direct" if direct else "queued"
-            if outcome.startswith("rejected: "):
-                counts[outcome] += 1
-            else:
-                valid = "valid input" if case[3] else "hostile input"
-                counts[f"{outcome} ({path}, {valid})"] += 1
-
+    @seed(seed_value)
+    @settings(max_examples=cases, deadline=None, database=None,
+              phases=[Phase.explicit, Phase.generate, Phase.shrink],
+              suppress_health_check=list(HealthCheck))
+    @given(case=send_cases(), direct=st.booleans())
+    def run_case(case, direct):
+        # A harness per case: a late delivery (after a timeout on a loaded
+        # machine) must not be counted in another case or a replay.
         try:
-            run_case()
-        except Exception:
-            failures.append(traceback.format_exc())
-        finally:
-            harness.close()
+            with fresh_harness() as harness:
+                outcome = harness.check(*case, direct=direct)
+        except BaseException:
+            counts["failing runs (incl. shrinking)"] += 1
+            raise
+        path = "direct" if direct else "queued"
+        if outcome.startswith("rejected: "):
+            counts[outcome] += 1
+        else:
+            valid = "valid input" if case[3] else "hostile input"
+            counts[f"{outcome} ({path}, {valid})"] += 1
+
+    try:
+        run_case()
+    except Exception:
+        failures.append(traceback.format_exc())
     return counts, failures
 
 

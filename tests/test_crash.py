@@ -8,8 +8,11 @@ what it received by Message-Id.  The long version of the first test is
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -70,10 +73,11 @@ def commit_and_die(queue, mode):
 def test_kill_between_vote_and_finish_leaves_only_tmp_files_never_sent(
         mode, queue_path, smtp_server):
     ids, state = commit_and_die(queue_path, mode)
-    # Killed after the queue's tpc_vote (3 fsynced files in tmp/), before
-    # its tpc_finish (nothing in new/).
+    # Killed after the queue's tpc_vote (3 fsynced files in tmp/, and the
+    # pending commit record), before its tpc_finish (nothing in new/).
     assert state["phase"] == mode
-    assert len(state["tmp"]) == 3 and state["new"] == []
+    assert len(state["tmp"]) == 4 and state["new"] == []
+    assert state["tmp"][0].startswith(".pending-")
     assert listing(queue_path, "tmp") == state["tmp"]
     assert queued(queue_path) == []
 
@@ -84,7 +88,7 @@ def test_kill_between_vote_and_finish_leaves_only_tmp_files_never_sent(
     maildir = Maildir(queue_path)
     assert maildir.cleanup(maildir.scan()) == 0  # too young to be removed
     later = time.time() + TMP_MAX_AGE + 1
-    assert maildir.cleanup(maildir.scan(), now=later) == 3
+    assert maildir.cleanup(maildir.scan(), now=later) == 4
     assert listing(queue_path, "tmp") == []
     assert drain(queue_path, smtp_server.port).total == 0
     assert smtp_server.messages == []
@@ -145,3 +149,67 @@ def test_producers_killed_at_random_moments_queue_only_whole_messages(
     assert stats.sent == len(ids)
     assert Counter(smtp_server.message_ids()) == Counter(set(ids))
     assert all(is_complete(m.data) for m in smtp_server.messages)
+
+
+# A transaction of three messages, one of them routed to a relay, killed in
+# its tpc_finish: after the commit record was made "committed" and AFTER
+# renames of message files into new/.
+_KILLED_IN_FINISH = r"""
+import json, os, signal, sys
+import transaction
+from mailoutbox import _writer
+from mailoutbox.delivery import QueuedMailDelivery
+sys.path.insert(0, sys.argv[3])
+from _crash_helpers import RECIPIENT, SENDER, make_message
+
+queue, after = sys.argv[1], int(sys.argv[2])
+renames = []
+commit = _writer.MaildirMessageWriter.commit
+
+def dying_commit(self, fsync_dir=True):
+    if len(renames) == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    commit(self, fsync_dir)
+    renames.append(self.name)
+
+_writer.MaildirMessageWriter.commit = dying_commit
+manager = transaction.TransactionManager()
+delivery = QueuedMailDelivery(queue, manager, mailers=["crm"])
+ids = [delivery.send(SENDER, [RECIPIENT], make_message(f"split-{i}@x.test"),
+                     mailer="crm" if i == 1 else None) for i in range(3)]
+print(json.dumps(ids), flush=True)
+manager.commit()
+"""
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_kill_between_the_renames_of_finish_queues_all_or_nothing(
+        after, queue_path, smtp_server):
+    helpers = os.path.dirname(os.path.abspath(__file__))
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_IN_FINISH, queue_path, str(after), helpers],
+        stdout=subprocess.PIPE, text=True)
+    out, _err = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL, out
+    ids = json.loads(out)
+    relay = os.path.join(queue_path, "relays", "crm")
+    moved = len(queued(queue_path)) + len(queued(relay))
+    assert moved == after  # the crash split the transaction...
+    [record] = [n for n in listing(queue_path, "tmp") if n.startswith(".")]
+    assert record.startswith(".committed-")
+
+    processor = QueueProcessorThread(concurrency=2, mailers={
+        "crm": SMTPMailer("127.0.0.1", smtp_server.port, no_tls=True, timeout=5)})
+    processor.setMailer(SMTPMailer("127.0.0.1", smtp_server.port, no_tls=True,
+                                   timeout=5))
+    processor.setQueuePath(queue_path)
+    try:
+        stats = processor.process_queue()
+    finally:
+        processor.stop(timeout=10)
+    # ...and the processor's clean-up joined it together again
+    assert stats.sent == 3
+    assert Counter(smtp_server.message_ids()) == Counter(ids)
+    assert all(is_complete(m.data) for m in smtp_server.messages)
+    assert listing(queue_path, "tmp") == [] and listing(relay, "tmp") == []
+    assert queued(queue_path) == [] and queued(relay) == []

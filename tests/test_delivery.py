@@ -312,7 +312,8 @@ def test_abort_during_two_phase_commit_leaves_no_file(queue_path, tm):
     seen = []
 
     def fail():
-        # our vote has written the files into tmp/ by now
+        # our vote has written the files into tmp/ by now, and the
+        # transaction's commit record
         seen.extend(files(queue_path, "tmp"))
         raise RuntimeError("the other resource cannot commit")
 
@@ -323,7 +324,7 @@ def test_abort_during_two_phase_commit_leaves_no_file(queue_path, tm):
     tm.get().join(other)
     with pytest.raises(RuntimeError, match="cannot commit"):
         tm.commit()
-    assert len(seen) == 3
+    assert len(seen) == 4 and seen[0].startswith(".pending-")
     assert files(queue_path, "tmp") == []
     assert files(queue_path, "new") == []
     tm.abort()
@@ -435,9 +436,10 @@ def test_queue_path_is_not_a_folder(tmp_path, tm, caplog):
     path.write_bytes(b"")
     delivery = QueuedMailDelivery(str(path), tm)
     message_id = delivery.send("a@x.org", ["b@x.org"], MESSAGE)
-    with pytest.raises(NotADirectoryError) as info:
+    with pytest.raises(ValueError) as info:
         tm.commit()
-    assert f"could not queue message <{message_id}> in {path}" in str(info.value)
+    assert f"could not queue message <{message_id}> in {path}: {path} is not" \
+        " a Maildir folder: it is a file" in str(info.value)
     assert info.value.__cause__ is not None
     assert any(message_id in r.getMessage() and r.exc_info for r in caplog.records)
     tm.abort()
@@ -569,10 +571,37 @@ def test_finish_renames_then_fsyncs_new_once(queue_path, tm, monkeypatch):
     monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
     tm.commit()
     voted = log.index(("voted",))
-    assert [e[0] for e in log[:voted]] == ["fsync"] * 3  # each file, in tmp/
-    assert all("/tmp/" in e[1] for e in log[:voted])
-    assert log[voted + 1:] == [("rename", "new")] * 3 + [
-        ("fsync", os.path.join(queue_path, "new"))]
+    tmp, new = os.path.join(queue_path, "tmp"), os.path.join(queue_path, "new")
+    # each file in tmp/, the commit record, tmp/
+    assert [e[0] for e in log[:voted]] == ["fsync"] * 5
+    assert all(e[1].startswith(tmp + "/") for e in log[:4])
+    assert os.path.basename(log[3][1]).startswith(".pending-")
+    assert log[4] == ("fsync", tmp)
+    # the record is committed, then the messages move
+    assert log[voted + 1:] == [("rename", "tmp"), ("fsync", tmp)] + [
+        ("rename", "new")] * 3 + [("fsync", new)]
+    assert files(queue_path, "tmp") == []
+
+
+def test_one_message_needs_no_commit_record(queue_path, tm, monkeypatch):
+    """A transaction with one message: one fsync, one rename, one fsync."""
+    log = []
+    real_rename, real_fsync = os.rename, os.fsync
+
+    def rename(src, dst):
+        log.append(("rename", os.path.basename(os.path.dirname(dst))))
+        real_rename(src, dst)
+
+    def fsync(fd):
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    QueuedMailDelivery(queue_path, tm).send("a@x.org", ["b@x.org"], MESSAGE)
+    monkeypatch.setattr(maildir_mod.os, "rename", rename)
+    monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
+    tm.commit()
+    assert [e[0] for e in log] == ["fsync", "rename", "fsync"]
+    assert log[2] == ("fsync", os.path.join(queue_path, "new"))
 
 
 def test_many_messages_in_one_transaction(queue_path, tm):

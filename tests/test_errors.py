@@ -12,7 +12,9 @@ import pytest
 from mailoutbox import errors
 from mailoutbox.errors import MailAuthenticationError
 from mailoutbox.errors import MailConnectionError
+from mailoutbox.errors import MailConnectionRefusedError
 from mailoutbox.errors import MailError
+from mailoutbox.errors import MailHeloError
 from mailoutbox.errors import MailTimeoutError
 from mailoutbox.errors import MailTLSError
 from mailoutbox.errors import PermanentMailError
@@ -127,14 +129,18 @@ def test_classify_disconnection_by_timeout_is_a_timeout():
         (
             smtplib.SMTPAuthenticationError(535, b"5.7.8 bad credentials"),
             MailAuthenticationError,
-            "authentication failed",
+            "authentication failed at the server; check the username and password",
         ),
         (
             smtplib.SMTPConnectError(554, b"no service"),
             MailConnectionError,
             "connection refused by the server",
         ),
-        (smtplib.SMTPHeloError(501, b"bad"), MailConnectionError, "HELO/EHLO refused"),
+        (
+            smtplib.SMTPHeloError(501, b"bad"),
+            MailHeloError,
+            "HELO/EHLO refused by the server",
+        ),
         (smtplib.SMTPDataError(554, b"spam"), PermanentMailError, "message refused"),
         (
             smtplib.SMTPSenderRefused(553, b"bad sender", b"s@example.org"),
@@ -165,7 +171,7 @@ def test_classify_replies(exc, kind, text):
         (socket.timeout("timed out"), MailTimeoutError),  # noqa: UP041 - on purpose
         (ssl.SSLError(1, "bad record"), MailTLSError),
         (ssl.SSLCertVerificationError(1, "unknown CA"), MailTLSError),
-        (ConnectionRefusedError(111, "refused"), MailConnectionError),
+        (ConnectionRefusedError(111, "refused"), MailConnectionRefusedError),
         (OSError(113, "no route"), MailConnectionError),
         (ValueError("a bug"), TransientMailError),
     ],

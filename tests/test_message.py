@@ -66,7 +66,9 @@ def test_parse_address_valid(address, expected):
 INVALID = [
     ("", "it is empty"),
     ("   ", "it is empty"),
-    ("jane", "no '@'"),
+    ('"jane"', "no '@' follows the quoted local part"),
+    ("jane.", "empty part"),
+    ("ja(ne", "the local part contains '('"),
     ("jane@", "the domain (after '@') is empty"),
     ("@example.org", "the local part (before '@') is empty"),
     ("a..b@example.org", "empty part"),
@@ -167,8 +169,8 @@ def test_check_recipients_refuses_non_iterables_and_empty():
 
 
 def test_check_recipients_names_the_bad_one():
-    with pytest.raises(ValueError, match=r"invalid address 'bob': it has no '@'"):
-        check_recipients(["jane@example.org", "bob"])
+    with pytest.raises(ValueError, match=r"invalid address 'bob@': the domain"):
+        check_recipients(["jane@example.org", "bob@"])
     with pytest.raises(TypeError, match=r"invalid address b'bob@x.org'"):
         check_recipients(["jane@example.org", b"bob@x.org"])
 
@@ -240,7 +242,7 @@ def test_property_parse_address_only_raises_value_error(text):
         assert str(exc).startswith(f"invalid address {text!r}: ")
     else:
         assert not any(c in text for c in "\r\n\0")
-        assert "@" in spec
+        assert "@" in spec or spec[:1] not in ('"', "")
         assert parse_address(format_address(name, spec)) == (name, spec)
 
 

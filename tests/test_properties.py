@@ -40,6 +40,8 @@ import email.policy
 import os
 import re
 import string
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 import transaction
@@ -93,6 +95,12 @@ def wire_header_lines(data: bytes) -> list[bytes]:
     return data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
 
 
+def field_names(lines: list[bytes]) -> list[str]:
+    """The names of the header fields of the header *lines*, lower-case."""
+    return [line.partition(b":")[0].decode("ascii", "replace").lower()
+            for line in lines if line[:1] not in (b" ", b"\t")]
+
+
 def has_message_id(data: bytes) -> bool:
     return any(re.match(rb"(?i)message-id:", line)
                for line in header_lines(data) or [])
@@ -137,10 +145,16 @@ def envelope_spec(address: str, *, sender: bool = False) -> tuple[str, str]:
 
 
 class SendHarness:
-    """One SMTP server, a queue, a queue processor and both deliveries,
-    reused across cases (:meth:`check` resets the server)."""
+    """One SMTP server, a queue, a queue processor and both deliveries.
 
-    def __init__(self, directory: str) -> None:
+    Make one per case (:func:`fresh_harness`): a message that arrives late
+    (after a timeout on a loaded machine) must not be counted in the next
+    case, nor in Hypothesis's replay of the same one.  *timeout* is the
+    mailers' SMTP timeout, generous so that a slow machine is not a failure.
+    """
+
+    def __init__(self, directory: str, timeout: float = 60) -> None:
+        self.timeout = timeout
         self.server = SMTPServer().start()
         self.tm = transaction.TransactionManager(explicit=True)
         self.queue_path = os.path.join(directory, "queue")
@@ -153,7 +167,7 @@ class SendHarness:
         zope.event.subscribers.append(self._notified)
 
     def _mailer(self) -> SMTPMailer:
-        return SMTPMailer("127.0.0.1", self.server.port, timeout=10)
+        return SMTPMailer("127.0.0.1", self.server.port, timeout=self.timeout)
 
     def _notified(self, event: object) -> None:
         if isinstance(event, MailErrorEvent):
@@ -231,6 +245,10 @@ class SendHarness:
         added = 0 if has_message_id(prepared) else 1
         assert wire_header_lines(got.data)[added:] == header_lines(prepared), (
             "the server saw headers that send() did not")
+        if isinstance(message, email.message.Message):
+            assert field_names(wire_header_lines(got.data)[added:]) == [
+                name.lower() for name in message], (
+                "the server saw headers that the message does not have")
         assert self.server.commands.count("DATA") == 1
         return "delivered"
 
@@ -249,11 +267,21 @@ def reason_class(exc: BaseException, inputs: tuple = ()) -> str:
     return f"{type(exc).__name__}: {text[:90]}"
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    made = SendHarness(str(tmp_path_factory.mktemp("properties")))
-    yield made
-    made.close()
+@contextlib.contextmanager
+def fresh_harness(timeout: float = 60) -> Iterator[SendHarness]:
+    """A :class:`SendHarness` of its own, in a temporary directory."""
+    with tempfile.TemporaryDirectory() as directory:
+        made = SendHarness(directory, timeout=timeout)
+        try:
+            yield made
+        finally:
+            made.close()
+
+
+@pytest.fixture
+def harness():
+    with fresh_harness() as made:
+        yield made
 
 
 # -- strategies -----------------------------------------------------------------
@@ -299,6 +327,13 @@ valid_addresses = st.one_of(
     addr_specs.map(" \t{} ".format),
     st.builds('"{}" <{}>'.format, st.text(st.sampled_from("ab ,.@<>:;é例\t"),
                                           max_size=8), addr_specs),
+    # a local recipient, which the local MTA qualifies
+    _dot_atoms,
+    st.builds(format_address, _printable_names, _dot_atoms),
+    # folded, as in a header value: a line break before a space is removed
+    st.builds(lambda address, sep: address.replace(" ", sep + " ", 1),
+              st.builds(format_address, _printable_names.filter(bool), addr_specs),
+              st.sampled_from(["\n", "\r\n"])),
 )
 valid_senders = st.sampled_from(["", "<>", " <> "]) | valid_addresses
 
@@ -327,6 +362,10 @@ def _hostile_forms(name: str, spec: str) -> st.SearchStrategy[str]:
         f"{quoted} <{spec}",
         f"{quoted} {spec}>",
         f'"{spec}',
+        f"{spec}\n<{EVIL}>",
+        f"{name}\r <{spec}>",
+        f"{spec.rpartition('@')[0]}@=?utf-8?q?evil.example?=",
+        f'"{spec.rpartition("@")[0]}"',
     ])
 
 
@@ -363,6 +402,15 @@ _hostile_values = st.one_of(
     st.sampled_from([f"x\r\nBcc: {EVIL}", f"x\nBcc: {EVIL}", f"x\rBcc: {EVIL}",
                      "x\r continued", "\r\n", "x\n\nbody"]),
 )
+#: Values that the email package serializes raw, with their line breaks:
+#: compat32 with a lone surrogate, or anything split by str.splitlines()
+#: (set_raw(), and policy.default rejoins the lines).
+_injected_values = st.sampled_from([
+    f"report\udcff\nBcc: {EVIL}", f"x\udcff\r\nBcc: {EVIL}",
+    f"x\udcff\rBcc: {EVIL}", "x\udcff\n\nbody", "x\udcff\n continued",
+    f"x\u2028Bcc: {EVIL}", f"x\x85Bcc: {EVIL}", f"x\x0cBcc: {EVIL}",
+    f"x\nBcc: {EVIL}", "x\n continued",
+])
 _message_ids = st.sampled_from(["<fixed.1@example.org>", " <folded@x.example>",
                                 "\n <folded@x.example>", "<a@b> <c@d>",
                                 "no-brackets@x", "<>", "<a b@c>"])
@@ -403,7 +451,10 @@ def raw_messages(draw, valid: bool) -> bytes | str:
         bad_name = st.sampled_from(["From ", "Bad Name", "", " X", "é", "Message-Id"])
         if draw(st.booleans()):
             headers.append((draw(bad_name), draw(values)))
-    head = "".join(f"{n}:{v.replace(chr(10), sep)}{sep}" for n, v in headers)
+    seps = [sep if valid else draw(st.sampled_from([sep, sep, "\n", "\r\n"]))
+            for _header in headers]
+    head = "".join(f"{n}:{v.replace(chr(10), s)}{s}"
+                   for (n, v), s in zip(headers, seps, strict=True))
     blank = sep if valid else draw(st.sampled_from([sep, "", "\r", sep + "\r"]))
     text = head + blank + draw(_bodies(overlong=not valid))
     encoding = draw(st.sampled_from(["utf-8", "latin-1", "str"]
@@ -435,14 +486,19 @@ class ShownEmailMessage(_Shown, email.message.EmailMessage):
 def message_objects(draw, valid: bool) -> email.message.Message:
     """:class:`email.message.Message` objects, modern and legacy; a valid
     one has header values without line ends and a charset for its text."""
-    values = _valid_values.filter(lambda v: "\n" not in v and "\r" not in v)
+    values = _valid_values.filter(lambda v: len(v.splitlines()) < 2)
     if not valid:
-        values |= _hostile_values
+        values |= _hostile_values | _injected_values
     headers = draw(st.lists(st.tuples(_field_names, values), max_size=4))
     body = draw(_bodies())
     if draw(st.booleans()):
-        message = ShownEmailMessage(policy=email.policy.default)
+        message = ShownEmailMessage(policy=draw(st.sampled_from(
+            [email.policy.default, email.policy.SMTP])))
+        raw = not valid and draw(st.booleans())  # non-ASCII would not encode
         for name, value in headers:
+            if raw:  # stored as it is, folded when serialized
+                message.set_raw(name, value)
+                continue
             with contextlib.suppress(Exception):  # refused by the email package
                 message[name] = value
         try:
@@ -480,7 +536,7 @@ def cases(draw) -> tuple[str, list[str], bytes | str | email.message.Message, bo
 # -- the properties -------------------------------------------------------------
 
 _settings = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much],
@@ -497,8 +553,9 @@ _settings = settings(
                b"Subject: x\n\nbody", True))
 @example(case=("", ["a@example.org"], f"Subject:x\rBcc: {EVIL}\n\n".encode(), False))
 @example(case=('"\x1f"<a@example.org>', ['"\x7f" <b@example.org>'], b"\n", False))
-def test_queued_send(harness, case):
-    harness.check(*case)
+def test_queued_send(case):
+    with fresh_harness() as harness:
+        harness.check(*case)
 
 
 @_settings
@@ -507,19 +564,21 @@ def test_queued_send(harness, case):
                False))
 @example(case=('"\x1f"<a@example.org>', ["b@example.org"], b"\n", False))
 @example(case=("", [" \t0@exämple "], b"\n", True))
-def test_direct_send(harness, case):
-    harness.check(*case, direct=True)
+def test_direct_send(case):
+    with fresh_harness() as harness:
+        harness.check(*case, direct=True)
 
 
-@settings(max_examples=3, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(size=st.integers(2_000_000, 4_000_000), line=st.integers(1, MAX_LINE),
-       direct=st.booleans())
-def test_huge_messages(harness, size, line, direct):
+@pytest.mark.parametrize(("direct", "line"), [(False, MAX_LINE), (True, 200)])
+def test_huge_messages(direct, line):
+    """A 2 MB message arrives intact.  Long lines keep it quick: the test
+    server handles each line in Python, slowly under coverage.  A harness
+    of its own and a generous timeout: a loaded machine is not a failure."""
     chunk = (b"x" * (line - 1) + b".\n")
-    body = chunk * (size // len(chunk))
-    outcome = harness.check("a@example.org", ["b@example.org"],
-                            b"Subject: big\n\n" + body, True, direct=direct)
+    body = chunk * (2_000_000 // len(chunk))
+    with fresh_harness(timeout=300) as harness:
+        outcome = harness.check("a@example.org", ["b@example.org"],
+                                b"Subject: big\n\n" + body, True, direct=direct)
     assert outcome == "delivered"
 
 
@@ -594,7 +653,8 @@ def test_addresses_send_refused_to_deliver(harness, direct, recipient):
 @pytest.mark.parametrize("sender", [
     f"a@example.org>, <{EVIL}",
     f"a@example.org, {EVIL}",
-    "postmaster",
+    "postmaster@",
+    '"postmaster"',
     "a@example.org (comment)",
 ])
 def test_sender_must_be_an_address(harness, sender):
@@ -611,13 +671,26 @@ def _legacy_message_with_header(value: str) -> email.message.Message:
     return message
 
 
+def _raw_email_message_with_header(value: str) -> email.message.EmailMessage:
+    message = ShownEmailMessage(policy=email.policy.default)
+    message.set_raw("Subject", value)
+    message.set_content("body")
+    return message
+
+
 @pytest.mark.parametrize("message", [
     # a CR inside a header line: send() saw one header, the wire two
     f"Subject: x\rBcc: {EVIL}\n\nbody".encode(),
     f"Subject: x\r\n continued\rBcc: {EVIL}\r\n\r\nbody",
     # the email package's own error (HeaderParseError) escaped send()
     _legacy_message_with_header(f"x\nBcc: {EVIL}"),
-], ids=["bytes", "str", "Message"])
+    # a lone surrogate: compat32 wrote the value raw, with its line break
+    _legacy_message_with_header(f"report\udcff\nBcc: {EVIL}"),
+    # set_raw(): policy.default joined the lines of the value with CRLF/LF
+    _raw_email_message_with_header(f"x\u2028Bcc: {EVIL}"),
+    # a bare LF among CRLF line ends
+    f"To: a@example.org\r\nSubject: x\nBcc: {EVIL}\r\n\r\nbody",
+], ids=["bytes", "str", "Message", "surrogate", "set_raw", "bare LF"])
 def test_header_injection_refused_at_send(harness, message):
     outcome = harness.check("a@example.org", ["b@example.org"], message)
     assert outcome.startswith("rejected: ValueError"), outcome

@@ -181,8 +181,12 @@ def test_given_values_are_returned_as_they_are():
     (b"From: undisclosed:;\nTo: c@example.org\n\n", "names 0 addresses"),
     (b"From: a@example.org\nTo: alice@example.org <bob@example.org>\n\n",
      "cannot tell the addresses of the To header"),
-    (b"From: a@example.org\nTo: c@example.org\nCc: nodomain\n\n",
-     "cannot tell the addresses of the Cc header 'nodomain'"),
+    (b"From: a@example.org\nTo: c@example.org\nCc: no@domain@\n\n",
+     "cannot tell the addresses of the Cc header 'no@domain@'"),
+    (b"From: a@example.org\nTo: jane@\n\n",
+     r"cannot tell the addresses of the To header .jane@.: it is not a list"),
+    (b'From: a@example.org\nTo: "quoted local"\n\n',
+     "invalid address '\"quoted local\"': no '@' follows the quoted local part"),
     (b"From: a@example.org\nTo: \xff@example.org\n\n",
      "the To header is not valid UTF-8"),
     (b"From: a@example.org\nTo: c@example.org\n", "no blank line between"),
@@ -225,7 +229,7 @@ def test_same_checks_as_send(queue_path, tm):
     with pytest.raises(TypeError, match="not a single str"):
         delivery.send_message(RAW, toaddrs="x@example.org")
     with pytest.raises(ValueError, match="malformed Message-Id"):
-        delivery.send_message(b"Message-Id: nope\n" + RAW)
+        delivery.send_message(b"Message-Id: nope\r\n" + RAW)
     with pytest.raises(TypeError, match="not int"):
         delivery.send_message(42)
     assert tm.get()._resources == []

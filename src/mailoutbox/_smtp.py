@@ -13,12 +13,24 @@ import re
 import smtplib
 import socket
 import ssl
+import sys
+import time
 from collections.abc import Sequence
 from email.utils import getaddresses
 
 from .errors import PermanentMailError
 
-__all__ = ["Connection", "encode_data", "envelope_address"]
+__all__ = ["DATA_BYTES_PER_TIMEOUT", "Connection", "encode_data", "envelope_address"]
+
+#: The message data may take the timeout once for every so many bytes (and
+#: at least once) to be sent: with the default timeout of 10 s, a server
+#: must read at least 25.6 KiB a second.
+DATA_BYTES_PER_TIMEOUT = 256 * 1024
+
+# The most written to the socket at once, so that the deadline is checked
+# between writes whatever the socket (an SSL socket's sendall() applies the
+# timeout to each of its writes, not to the whole).
+_CHUNK = 64 * 1024
 
 # An addr-spec without display name, comments, quotes or angle brackets: the
 # common case, which needs no parsing.
@@ -91,6 +103,47 @@ def encode_data(message: bytes | str) -> bytes:
     return data + b".\r\n"
 
 
+def _deadline(seconds: float | None) -> float | None:
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def _remaining(deadline: float | None, what: str) -> float | None:
+    # The time left before *deadline*; TimeoutError once it has passed.
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"{what} did not complete in time")
+    return left
+
+
+class _Reader:
+    """Reads the lines of a reply from a socket before a deadline, which
+    bounds the whole reply however slowly the server trickles it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.deadline: float | None = None
+
+    def readline(self, limit: int) -> bytes:
+        while True:
+            end = self.buffer.find(b"\n", 0, limit)
+            if end >= 0 or len(self.buffer) >= limit:
+                size = end + 1 if end >= 0 else limit
+                line, self.buffer = self.buffer[:size], self.buffer[size:]
+                return line
+            self.sock.settimeout(_remaining(self.deadline, "the reply"))
+            chunk = self.sock.recv(4096)
+            if not chunk:  # end of file: what is left, possibly nothing
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += chunk
+
+    def close(self) -> None:
+        self.buffer = b""
+
+
 class Connection(smtplib.SMTP):
     """One SMTP session; connects (and, with *implicit_context*, speaks
     TLS) on construction.
@@ -101,6 +154,15 @@ class Connection(smtplib.SMTP):
     idle), ``"rcpt"``, ``"data"`` once the end of data has been sent, and
     ``"done"``.  :attr:`dirty` is true when the server may still hold state
     of a failed transaction, so the next one starts with RSET.
+
+    *timeout* bounds each blocking step as a whole, not each read or write
+    of the socket: connecting, each reply (however slowly its lines
+    come), each command sent, and the TLS handshake.  The message data
+    must be sent within the timeout once for every
+    :data:`DATA_BYTES_PER_TIMEOUT` bytes (at least once), and the reply to
+    it must come within the timeout after that time at the latest.
+    ``None`` means the socket module's default timeout (none, unless it
+    was set).
     """
 
     def __init__(
@@ -116,9 +178,8 @@ class Connection(smtplib.SMTP):
         self.tls = implicit_context is not None
         self.stage = "done"
         self.dirty = False
-        if timeout is None:
-            timeout = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
-        super().__init__(host, port, local_hostname, timeout)
+        self.seconds = socket.getdefaulttimeout() if timeout is None else timeout
+        super().__init__(host, port, local_hostname, self.seconds)
 
     def _get_socket(self, host, port, timeout):
         sock = super()._get_socket(host, port, timeout)
@@ -132,8 +193,53 @@ class Connection(smtplib.SMTP):
             raise
         return sock
 
-    def _reply(self) -> tuple[int, bytes]:
-        code, text = self.getreply()
+    def getreply(self, extra: float = 0.0) -> tuple[int, bytes]:
+        """smtplib's, with a deadline for the whole reply: the timeout,
+        plus *extra* seconds."""
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        if self.file is None:  # a new connection, or TLS just began
+            self.file = _Reader(self.sock)
+        self.file.deadline = _deadline(
+            None if self.seconds is None else self.seconds + extra
+        )
+        try:
+            return super().getreply()
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(self.seconds)
+
+    def send(self, s: bytes | str) -> None:
+        """smtplib's, with a deadline for the whole of *s*."""
+        self.send_within(s, self.seconds)
+
+    def send_within(self, data: bytes | str, seconds: float | None) -> None:
+        """Send *data*, all of it within *seconds* (``None``: no limit)."""
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        if isinstance(data, str):
+            data = data.encode(self.command_encoding)
+        sys.audit("smtplib.send", self, data)
+        deadline = _deadline(seconds)
+        try:
+            with memoryview(data) as view:
+                sent = 0
+                while sent < len(view):
+                    self.sock.settimeout(_remaining(deadline, "sending"))
+                    sent += self.sock.send(view[sent : sent + _CHUNK])
+            self.sock.settimeout(self.seconds)
+        except OSError as exc:
+            self.close()
+            raise smtplib.SMTPServerDisconnected(f"cannot send: {exc}") from exc
+
+    def data_seconds(self, size: int) -> float | None:
+        """The time allowed for sending *size* bytes of message data."""
+        if self.seconds is None:
+            return None
+        return self.seconds * max(1.0, size / DATA_BYTES_PER_TIMEOUT)
+
+    def _reply(self, extra: float = 0.0) -> tuple[int, bytes]:
+        code, text = self.getreply(extra)
         if code == 421:  # the server is closing the connection
             self.close()
             raise smtplib.SMTPResponseException(code, text)
@@ -226,8 +332,13 @@ class Connection(smtplib.SMTP):
         if code != 354:
             raise smtplib.SMTPDataError(code, text)
         self.stage = "data"
-        self.send(data)
-        code, text = self._reply()
+        # The server may still be reading what the kernel buffered: the
+        # reply gets the timeout plus the time the data did not use.
+        allowed = self.data_seconds(len(data))
+        started = time.monotonic()
+        self.send_within(data, allowed)
+        unused = 0.0 if allowed is None else started + allowed - time.monotonic()
+        code, text = self._reply(max(0.0, unused))
         if code // 100 != 2:
             raise smtplib.SMTPDataError(code, text)
         self.dirty = False

@@ -7,7 +7,11 @@ is a dot-atom or a quoted string, the domain a host name (``example.org``,
 also internationalised: ``exämple.org``) or an address literal
 (``[192.0.2.1]``).  UTF-8 is allowed in the local part; sending such an
 address needs a server that offers SMTPUTF8, which is the mailer's business.
+A bare dot-atom local part (``root``) is a local recipient or sender, as
+``sendmail`` and zope.sendmail take it: the local MTA adds its own domain.
 Comments (``(...)``), groups and lists of several addresses are refused.
+Folding white space (a line break followed by a space or tab) is unfolded;
+any other CR or LF, and NUL, is refused.
 
 These functions are also importable from :mod:`mailoutbox.message`.
 """
@@ -28,6 +32,9 @@ _ATEXT = frozenset("!#$%&'*+-/=?^_`{|}~")
 #: Characters that must be quoted in a display name.
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 _FORBIDDEN = ("\r", "\n", "\0")
+#: Folding white space (RFC 5322 section 2.2.3): a line break followed by
+#: a space or tab; unfolding removes the line break.
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _LABEL_TEXT = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 #: Control characters but TAB (which is white space in a quoted string).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -117,11 +124,16 @@ def _parse_addr_spec(addr: str) -> str:
     if addr.startswith('"'):
         at = _end_of_quoted(addr, 0)
         if addr[at:at + 1] != "@":
-            raise _Invalid("no '@' follows the quoted local part")
+            raise _Invalid(
+                "no '@' follows the quoted local part (a local part without"
+                " a domain must be a dot-atom, like root)"
+            )
     else:
         at = addr.rfind("@")
         if at < 0:
-            raise _Invalid("it has no '@' (an address is local-part@domain)")
+            # A local recipient (root): the local MTA adds its own domain.
+            _check_local_part(addr)
+            return addr
     _check_local_part(addr[:at])
     _check_domain(addr[at + 1:])
     return addr
@@ -200,8 +212,30 @@ def _split(address: str) -> tuple[str, str]:
     return name, _parse_addr_spec(text[opening + 1:closing].strip(" \t"))
 
 
+def _unfold(address: str) -> str:
+    """*address* with its folding white space unfolded (a CRLF or LF
+    followed by a space or tab is removed, the blank kept); raises
+    :class:`ValueError` when a CR, LF or NUL is left."""
+    unfolded = _FOLD.sub("", address) if "\n" in address else address
+    for char in _FORBIDDEN:
+        if char in unfolded:
+            raise ValueError(
+                f"invalid address {address!r}: it contains {char!r}"
+                " (CR, LF and NUL are not allowed, except a line break"
+                " followed by a space or tab: folding white space)"
+            )
+    return unfolded
+
+
 def parse_address(address: str) -> tuple[str, str]:
     """Split one address into ``(display name, addr-spec)``.
+
+    Folding white space is unfolded first: a line break (CRLF or LF)
+    followed by a space or tab is removed, so a header value folded by
+    :meth:`email.message.Message.as_string` is taken; any other CR or LF,
+    and any NUL, is refused.  An addr-spec without ``@`` is a local
+    recipient (``root``), which the local MTA qualifies with its own
+    domain; its local part must then be a dot-atom.
 
     The display name is unquoted (``""`` when there is none).  Raises
     :class:`TypeError` when *address* is not a ``str`` and
@@ -213,16 +247,11 @@ def parse_address(address: str) -> tuple[str, str]:
             f"invalid address {address!r}: an address must be a str, not"
             f" {type(address).__name__}"
         )
-    for char in _FORBIDDEN:
-        if char in address:
-            raise ValueError(
-                f"invalid address {address!r}: it contains {char!r}"
-                " (CR, LF and NUL are not allowed)"
-            )
-    if _SIMPLE.match(address) and len(address) - address.index("@") <= 254:
-        return "", address
+    text = _unfold(address)
+    if _SIMPLE.match(text) and len(text) - text.index("@") <= 254:
+        return "", text
     try:
-        return _split(address)
+        return _split(text)
     except _Invalid as exc:
         raise ValueError(f"invalid address {address!r}: {exc}") from None
 
@@ -247,7 +276,9 @@ def check_recipients(toaddrs: Iterable[str]) -> tuple[str, ...]:
     tuple.
 
     *toaddrs* must be a sequence of one or more addresses (not a single
-    string) and each must be valid (see :func:`parse_address`).
+    string) and each must be valid (see :func:`parse_address`).  They are
+    returned unfolded, as they are passed to the mailer and written to the
+    queue.
     """
     if isinstance(toaddrs, (str, bytes, bytearray)):
         raise TypeError(
@@ -264,7 +295,7 @@ def check_recipients(toaddrs: Iterable[str]) -> tuple[str, ...]:
         raise ValueError("toaddrs is empty: a message needs a recipient")
     for address in addresses:
         parse_address(address)
-    return addresses
+    return tuple(_unfold(address) for address in addresses)
 
 
 def check_sender(fromaddr: str) -> str:
@@ -272,18 +303,19 @@ def check_sender(fromaddr: str) -> str:
 
     It must be a ``str``: empty or ``<>`` for the null reverse-path, or
     one valid address (see :func:`parse_address`), so that nothing but its
-    addr-spec can reach the envelope.  It is passed to the mailer as it is.
+    addr-spec can reach the envelope.  It is returned unfolded, as it is
+    passed to the mailer and written to the queue.
     """
     if not isinstance(fromaddr, str):
         raise TypeError(
             f"invalid sender {fromaddr!r}: fromaddr must be a str, not"
             f" {type(fromaddr).__name__}"
         )
-    if fromaddr.strip(" \t") in ("", "<>"):
-        return fromaddr
     try:
-        parse_address(fromaddr)
+        unfolded = _unfold(fromaddr)
+        if unfolded.strip(" \t") not in ("", "<>"):
+            parse_address(unfolded)
     except ValueError as exc:
         text = str(exc).replace("invalid address", "invalid sender", 1)
         raise ValueError(text) from None
-    return fromaddr
+    return unfolded

@@ -12,7 +12,9 @@ happens when the transaction commits:
   goes to the relay folder of that mailer instead
   (:mod:`mailoutbox.relays`), in the same way.  A crash between the two leaves only
   files in ``tmp/``, which are never sent and are removed by
-  :meth:`mailoutbox.maildir.Maildir.cleanup` after 36 hours.
+  :meth:`mailoutbox.maildir.Maildir.cleanup` after 36 hours.  The messages
+  of a transaction that queues two or more enter the queue together, even
+  if a crash cuts ``tpc_finish`` short: see :mod:`mailoutbox._commit`.
 
 - :class:`DirectDataManager`: ``tpc_vote`` calls the ``vote()`` of each
   mailer used (an SMTP mailer connects), ``tpc_finish`` sends the messages.  The
@@ -26,6 +28,7 @@ the database transaction.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
@@ -35,6 +38,7 @@ from transaction.interfaces import IDataManagerSavepoint
 from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
+from mailoutbox._commit import CommitRecord
 from mailoutbox.errors import classify
 from mailoutbox.events import MailErrorEvent
 from mailoutbox.events import MailSentEvent
@@ -148,6 +152,8 @@ class QueuedDataManager(_DataManager):
         self.writers: list[tuple[str, MaildirMessageWriter]] = []
         #: The folders written to, by relay name (None: the queue itself).
         self.maildirs: dict[str | None, Maildir] = {}
+        #: The commit record of a transaction with two messages or more.
+        self.record: CommitRecord | None = None
 
     def tpc_vote(self, txn: Any) -> None:
         """Write and fsync every message in ``tmp/``; on failure remove what
@@ -174,6 +180,10 @@ class QueuedDataManager(_DataManager):
                 writer.write(message.envelope)
                 writer.write(message.data)
                 writer.sync()
+            if len(self.writers) > 1:
+                message_id = ", ".join(i for i, _w in self.writers)
+                self.record = CommitRecord(self.delivery.maildir(None),
+                                           self.writers)
         except Exception as exc:
             log.error("could not queue message %s in %s", message_id, path,
                       exc_info=True)
@@ -185,19 +195,37 @@ class QueuedDataManager(_DataManager):
                     f" {exc.strerror}",
                     exc.filename,
                 ) from exc
+            if isinstance(exc, ValueError):  # e.g. the path is not a queue
+                raise ValueError(
+                    f"could not queue message <{message_id}> in {path}: {exc}"
+                ) from exc
             raise
 
     def tpc_finish(self, txn: Any) -> None:
         """Move the messages into ``new/`` and fsync it.  Never raises."""
         self.state = _FINISHED
+        record, self.record = self.record, None
+        if record is not None:
+            try:
+                record.commit()
+            except Exception:  # e.g. fsync: do the renames all the same
+                log.error("could not commit the record of message(s) %s",
+                          ", ".join(i for i, _w in self.writers), exc_info=True)
+        stuck = False
         for message_id, writer in self.writers:
             try:
                 writer.commit(fsync_dir=False)
-            except Exception:
+            except Exception as exc:
+                if record is not None and isinstance(exc, FileNotFoundError):
+                    # A processor rolled the committed record forward first.
+                    log.info("queued message %s as %s", message_id, writer.name)
+                    continue
+                stuck = True
                 log.critical(
-                    "could not move message %s from tmp/ into new/ of %s: it"
-                    " will not be sent", message_id, self.delivery.queuePath,
-                    exc_info=True,
+                    "could not move message %s from tmp/ into new/ of %s: %s",
+                    message_id, self.delivery.queuePath,
+                    "it will not be sent" if record is None else
+                    "the queue processor will try again", exc_info=True,
                 )
             else:
                 log.info("queued message %s as %s", message_id, writer.name)
@@ -211,10 +239,15 @@ class QueuedDataManager(_DataManager):
                         i for i, w in self.writers if w.maildir.path == maildir.path),
                     exc_info=True,
                 )
+        if record is not None and not stuck:
+            record.remove()  # else roll_forward() moves what is left
         self.writers = []
         self.messages = []
 
     def _abort(self) -> None:
+        record, self.record = self.record, None
+        if record is not None:
+            record.remove()
         for message_id, writer in self.writers:
             try:
                 writer.abort()
@@ -249,7 +282,15 @@ class DirectDataManager(_DataManager):
             if any(voted is mailer for voted in self.voted):
                 continue
             self.voted.append(mailer)
-            mailer.vote(message.fromaddr, message.toaddrs, message.data)
+            vote = getattr(mailer, "vote", None)
+            if vote is None:
+                warnings.warn(
+                    f"the mailer {mailer!r} has no vote() method: it cannot"
+                    " veto the transaction (give it vote() and abort())",
+                    DeprecationWarning, stacklevel=2,
+                )
+                continue
+            vote(message.fromaddr, message.toaddrs, message.data)
 
     def tpc_finish(self, txn: Any) -> None:
         """Send every message; log failures and report every outcome as an
@@ -288,8 +329,11 @@ class DirectDataManager(_DataManager):
     def _abort(self) -> None:
         voted, self.voted = self.voted, []
         for mailer in voted:
+            abort = getattr(mailer, "abort", None)
+            if abort is None:
+                continue  # an old mailer, with nothing to abort
             try:
-                mailer.abort()
+                abort()
             except Exception:
                 log.error("the mailer %r failed to abort message(s) %s", mailer,
                           ", ".join(m.message_id for m in self.messages),
@@ -329,6 +373,8 @@ def _dispatch(status: bool, txn: Any, events: list[Any], deferrals: int) -> None
     (at most :data:`MAX_HOOK_DEFERRALS` times).  *status* does not matter:
     the messages were sent either way.
     """
+    if not events:
+        return  # dispatched already (the transaction was committed again)
     hooks = list(txn.getAfterCommitHooks())
     mine = next(i for i, (hook, args, _kws) in enumerate(hooks)
                 if hook is _dispatch and args[1] is events
@@ -336,6 +382,10 @@ def _dispatch(status: bool, txn: Any, events: list[Any], deferrals: int) -> None
     if mine < len(hooks) - 1 and deferrals < MAX_HOOK_DEFERRALS:
         txn.addAfterCommitHook(_dispatch, args=(txn, events, deferrals + 1))
         return
+    # Take the events out first: a subscriber that commits the completed
+    # transaction again runs its after-commit hooks again, this one too.
+    events, pending = list(events), events
+    pending.clear()
     for event in events:
         try:
             zope.event.notify(event)

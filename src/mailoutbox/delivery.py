@@ -7,16 +7,24 @@ in memory.  What the data managers do when the transaction commits is in
 :mod:`mailoutbox.datamanager`: :class:`QueuedMailDelivery` writes the
 messages into the queue, :class:`DirectMailDelivery` sends them through its
 mailer and reports each outcome as an event after the transaction completed.
+
+zope.sendmail's other names are here too: :class:`AbstractMailDelivery`
+(the deliveries' base class), :class:`MailDataManager` (its one-call data
+manager) and ``QueueProcessorThread`` (from :mod:`mailoutbox.queue`).
 """
 from __future__ import annotations
 
 import email.message
 import logging
+import sys
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
 
 import transaction
+from transaction.interfaces import IDataManagerSavepoint
+from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
 from mailoutbox.address import check_recipients
@@ -38,8 +46,11 @@ from mailoutbox.relays import check_names
 from mailoutbox.relays import open_relay
 
 __all__ = [
+    "AbstractMailDelivery",
     "DirectDataManager",  # from mailoutbox.datamanager
     "DirectMailDelivery",
+    "MailDataManager",
+    "QueueProcessorThread",  # noqa: F822 - from mailoutbox.queue, on first use
     "QueuedDataManager",  # from mailoutbox.datamanager
     "QueuedMailDelivery",
 ]
@@ -47,9 +58,9 @@ __all__ = [
 log = logging.getLogger("mailoutbox.delivery")
 
 
-class _Delivery:
+class AbstractMailDelivery:
     """What both deliveries share: ``send()``, ``send_message()`` and the
-    data manager lookup."""
+    data manager lookup (zope.sendmail's name for their base class)."""
 
     datamanager_factory: type[_DataManager]
     #: The names of the mailers that messages may be routed to.
@@ -77,19 +88,44 @@ class _Delivery:
             f" this delivery may route to (configured: {known})"
         )
 
-    def send(self, fromaddr: str, toaddrs: Iterable[str],
-             message: bytes | str | email.message.Message,
-             mailer: str | None = None) -> str:
-        """See :meth:`mailoutbox.interfaces.IMailDelivery.send`."""
+    def _message(self, fromaddr: str, toaddrs: Iterable[str],
+                 message: bytes | str | email.message.Message,
+                 mailer: str | None) -> _Message:
+        """Check and prepare what ``send()`` was given."""
         relay = self._route(mailer)
         fromaddr = check_sender(fromaddr)
         recipients = check_recipients(toaddrs)
         data, message_id = prepare_message(message, self.newMessageId)
         prepared = self._prepare(message_id, fromaddr, recipients, data)
         prepared.relay = relay
+        return prepared
+
+    def _manager(self) -> Any:
         manager = self.transaction_manager
-        if manager is None:
-            manager = transaction.manager
+        return transaction.manager if manager is None else manager
+
+    def createDataManager(self, fromaddr: str, toaddrs: Iterable[str],
+                          message: bytes | str | email.message.Message
+                          ) -> _DataManager:
+        """A new data manager holding one message, checked and prepared as
+        ``send()`` does, and joined to no transaction: join it yourself
+        (``transaction.get().join(dm)``).
+
+        zope.sendmail's ``send()`` calls it for each message; mailoutbox's
+        ``send()`` does not (it gathers the messages of a transaction in one
+        data manager), so overriding it changes nothing there.
+        """
+        datamanager = self.datamanager_factory(self, self._manager())
+        datamanager.messages.append(self._message(fromaddr, toaddrs, message, None))
+        return datamanager
+
+    def send(self, fromaddr: str, toaddrs: Iterable[str],
+             message: bytes | str | email.message.Message,
+             mailer: str | None = None) -> str:
+        """See :meth:`mailoutbox.interfaces.IMailDelivery.send`."""
+        prepared = self._message(fromaddr, toaddrs, message, mailer)
+        message_id, relay = prepared.message_id, prepared.relay
+        manager = self._manager()
         txn = manager.get()
         try:
             datamanager = txn.data(self)
@@ -98,6 +134,13 @@ class _Delivery:
         if datamanager is None or datamanager.state != _OPEN:
             # The first message, or the data manager joined after a
             # savepoint that was rolled back (which unjoined it).
+            if _aborting(txn):
+                raise ValueError(
+                    f"cannot send message <{message_id}>: the transaction is"
+                    " being aborted (send() was called by an abort hook or a"
+                    " data manager's abort()); send it after abort() returned,"
+                    " or in a transaction of another transaction manager"
+                )
             datamanager = self.datamanager_factory(self, manager)
             try:
                 txn.join(datamanager)
@@ -130,8 +173,91 @@ class _Delivery:
         return _Message(message_id, fromaddr, toaddrs, data)
 
 
+def _aborting(txn: Any) -> bool:
+    """Whether this thread is inside ``txn.abort()`` (in an abort hook, say),
+    where a data manager that joins is aborted before ``abort()`` returns:
+    it would drop the message."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _ABORT_CODE and frame.f_locals.get("self") is txn:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_ABORT_CODE = transaction.Transaction.abort.__code__
+
+
+@implementer(IDataManagerSavepoint)
+class _NothingToRollBack:
+    def __init__(self, datamanager: MailDataManager) -> None:
+        self.datamanager = datamanager
+
+    def rollback(self) -> None:
+        pass
+
+
+@implementer(ISavepointDataManager)
+class MailDataManager:
+    """zope.sendmail's general data manager: calls ``vote(*args)`` when the
+    transaction votes, ``callable(*args)`` when it finishes (an exception
+    there is logged, not raised: the other resources have committed) and
+    ``onAbort()`` when it aborts.
+
+    mailoutbox's deliveries do not use it (their data managers hold all the
+    messages of a transaction); it is here for code written for
+    zope.sendmail that joins one to a transaction itself.  Its savepoints
+    roll nothing back, as zope.sendmail's do not.
+    """
+
+    def __init__(self, callable: Callable[..., Any], args: tuple[Any, ...] = (),
+                 vote: Callable[..., Any] | None = None,
+                 onAbort: Callable[[], Any] | None = None) -> None:
+        self.callable = callable
+        self.args = args
+        self.vote = vote
+        self.onAbort = onAbort
+        self.transaction_manager = transaction.manager
+
+    def __repr__(self) -> str:
+        return f"<MailDataManager {self.callable!r}>"
+
+    def sortKey(self) -> str:
+        return f"mailoutbox.delivery:call:{id(self):x}"
+
+    def savepoint(self) -> _NothingToRollBack:
+        return _NothingToRollBack(self)
+
+    def tpc_begin(self, txn: Any, subtransaction: bool = False) -> None:
+        pass
+
+    def commit(self, txn: Any) -> None:
+        pass
+
+    def tpc_vote(self, txn: Any) -> None:
+        if self.vote is not None:
+            self.vote(*self.args)
+
+    def tpc_finish(self, txn: Any) -> None:
+        try:
+            self.callable(*self.args)
+        except Exception:
+            log.exception("%r failed in tpc_finish", self.callable)
+
+    def abort(self, txn: Any) -> None:
+        if self.onAbort is not None:
+            self.onAbort()
+
+    tpc_abort = abort
+
+    def beforeCompletion(self, txn: Any) -> None:
+        pass
+
+    afterCompletion = beforeCompletion
+
+
 @implementer(IQueuedMailDelivery)
-class QueuedMailDelivery(_Delivery):
+class QueuedMailDelivery(AbstractMailDelivery):
     """See :class:`mailoutbox.interfaces.IQueuedMailDelivery`.
 
     The queue folder is created (mode 0700) when the first message is
@@ -174,7 +300,7 @@ class QueuedMailDelivery(_Delivery):
 
 
 @implementer(IDirectMailDelivery)
-class DirectMailDelivery(_Delivery):
+class DirectMailDelivery(AbstractMailDelivery):
     """See :class:`mailoutbox.interfaces.IDirectMailDelivery`.
 
     The ``vote()`` of each mailer used is called once per transaction, with
@@ -202,3 +328,14 @@ class DirectMailDelivery(_Delivery):
 
     def __repr__(self) -> str:
         return f"<DirectMailDelivery {self.mailer!r}>"
+
+
+def __getattr__(name: str) -> Any:
+    # zope.sendmail's delivery module re-exports its QueueProcessorThread
+    # (Products.MailHost imports it from there).  Imported when asked for:
+    # mailoutbox.queue is not needed to send, and imports much.
+    if name == "QueueProcessorThread":
+        from mailoutbox.queue import QueueProcessorThread
+
+        return QueueProcessorThread
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

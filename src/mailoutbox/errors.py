@@ -7,9 +7,35 @@ message will never be accepted as it is (5xx replies, every recipient refused
 permanently).  :func:`classify` turns any exception raised while talking to a
 server into one of them; the queue processor retries the transient ones and
 fails the permanent ones, and nothing else makes that decision.
+
+The transient errors::
+
+    TransientMailError
+        MailConnectionError (ConnectionError)
+            MailConnectionRefusedError (ConnectionRefusedError)
+            MailHeloError (RuntimeError)
+        MailTimeoutError (TimeoutError)
+        MailConfigurationError
+            MailTLSError
+                MailTLSUnavailableError (RuntimeError)
+            MailAuthenticationError
+                MailAuthenticationUnavailableError (RuntimeError)
+
+A :class:`MailConfigurationError` is a disagreement between the sender's
+settings and the server (TLS, authentication) that no retry cures by
+itself: the queue processor logs it as an error, and keeps the messages
+until it is fixed or they expire.  :class:`RecipientsRefused` is transient
+or permanent depending on the replies.
+
+The built-in classes in parentheses are those zope.sendmail raised or let
+through in the same cases (its ``RuntimeError`` for "TLS not available", a
+username without ESMTP and a refused HELO; smtplib's
+:class:`~smtplib.SMTPRecipientsRefused`, which :class:`RecipientsRefused`
+also is): code that catches them keeps working.
 """
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import ssl
@@ -19,9 +45,14 @@ from collections.abc import Mapping
 __all__ = [
     "TEMPORARY_EXIT_STATUSES",
     "MailAuthenticationError",
+    "MailAuthenticationUnavailableError",
+    "MailConfigurationError",
     "MailConnectionError",
+    "MailConnectionRefusedError",
     "MailError",
+    "MailHeloError",
     "MailTLSError",
+    "MailTLSUnavailableError",
     "MailTimeoutError",
     "PermanentMailError",
     "RecipientsRefused",
@@ -77,11 +108,35 @@ class MailConnectionError(TransientMailError, ConnectionError):
     """The server could not be reached, or closed the connection."""
 
 
+class MailConnectionRefusedError(MailConnectionError, ConnectionRefusedError):
+    """The server refused the connection (nothing listens on the port).
+
+    Also a :class:`ConnectionRefusedError`, which zope.sendmail let through.
+    """
+
+
+class MailHeloError(MailConnectionError, RuntimeError):
+    """The server refused both EHLO and HELO.
+
+    Also a :class:`RuntimeError`, which zope.sendmail raises in this case.
+    """
+
+
 class MailTimeoutError(TransientMailError, TimeoutError):
     """The server did not answer in time."""
 
 
-class MailTLSError(TransientMailError):
+class MailConfigurationError(TransientMailError):
+    """The sender's configuration and the server disagree (TLS,
+    authentication): no message can be sent until one of them is fixed.
+
+    Transient, so that the queue keeps the messages until the configuration
+    is fixed (or they expire); the queue processor logs these as errors
+    naming the problem.
+    """
+
+
+class MailTLSError(MailConfigurationError):
     """TLS was required but not available, or the handshake or the
     certificate verification failed.
 
@@ -90,7 +145,7 @@ class MailTLSError(TransientMailError):
     """
 
 
-class MailAuthenticationError(TransientMailError):
+class MailAuthenticationError(MailConfigurationError):
     """Credentials are configured but authentication failed or is not
     offered by the server.
 
@@ -98,11 +153,31 @@ class MailAuthenticationError(TransientMailError):
     """
 
 
-class RecipientsRefused(MailError):
+class MailTLSUnavailableError(MailTLSError, RuntimeError):
+    """TLS is required (*force_tls*) but the server does not offer STARTTLS.
+
+    Also a :class:`RuntimeError`, which zope.sendmail raises in this case.
+    """
+
+
+class MailAuthenticationUnavailableError(MailAuthenticationError, RuntimeError):
+    """A username is configured but the server does not offer AUTH (or does
+    not speak ESMTP at all).
+
+    Also a :class:`RuntimeError`, which zope.sendmail raises in this case.
+    """
+
+
+class RecipientsRefused(MailError, smtplib.SMTPRecipientsRefused):
     """Every recipient was refused.
 
     Permanent when every refusal was a 5xx reply, transient otherwise (for
     example, greylisting with 450/451).
+
+    Also an :class:`smtplib.SMTPRecipientsRefused`, which zope.sendmail let
+    through: its :attr:`recipients` maps each refused address to
+    ``(code, text as bytes)`` as smtplib's does, while :attr:`refused` has
+    the text as ``str``.
     """
 
     def __init__(self, refused: Refused) -> None:
@@ -114,6 +189,12 @@ class RecipientsRefused(MailError):
             text=None,
             refused=refused,
         )
+        # smtplib.SMTPRecipientsRefused.__init__ (reached through the MRO)
+        # took the message for the recipients.
+        self.recipients = {
+            addr: (code, text.encode("utf-8"))
+            for addr, (code, text) in self.refused.items()
+        }
         self.permanent = bool(codes) and all(is_permanent_code(c) for c in codes)
 
     def __str__(self) -> str:
@@ -149,13 +230,28 @@ _EXIT_NAMES = {
     78: "EX_CONFIG",
 }
 
-# What the failed command was, for the smtplib errors that say which.
+# What the failed command was, for the smtplib errors that say which;
+# "{server}" is replaced by the server's host:port, or "the server".
 _SMTP_WHAT = {
-    smtplib.SMTPConnectError: "connection refused by the server",
-    smtplib.SMTPHeloError: "HELO/EHLO refused",
-    smtplib.SMTPAuthenticationError: "authentication failed",
+    smtplib.SMTPConnectError: "connection refused by {server}",
+    smtplib.SMTPHeloError: "HELO/EHLO refused by {server}",
+    smtplib.SMTPAuthenticationError: "authentication failed at {server}",
     smtplib.SMTPDataError: "message refused",
 }
+
+# Replies about the client's configuration rather than the message: RFC
+# 3207's "530 Must issue a STARTTLS command first", RFC 4954's 530
+# (authentication required), 534 (mechanism too weak), 535 (credentials
+# invalid) and 538 (encryption required for the mechanism), and the
+# enhanced status codes of RFC 4954/5248 that say the same whatever the
+# reply code; 5.7.57 is Microsoft's "client not authenticated".  A policy
+# refusal such as "550 5.7.1 relaying denied" is none of these.
+_AUTH_CODES = frozenset({530, 534, 535})
+_TLS_CODES = frozenset({538})
+_AUTH_STATUSES = frozenset({"7.8", "7.9", "7.57"})
+_TLS_STATUSES = frozenset({"7.10", "7.11"})
+_STATUS = re.compile(r"\s*[245]\.(\d{1,3}\.\d{1,3})\b")
+_MENTIONS_TLS = re.compile(r"STARTTLS|\bTLS\b|\bSSL\b|encrypt", re.IGNORECASE)
 
 
 def _decode(text: bytes | str) -> str:
@@ -186,45 +282,112 @@ def _exit_error(exc: subprocess.CalledProcessError) -> MailError:
     return (TransientMailError if temporary else PermanentMailError)(message)
 
 
-def classify(exc: BaseException) -> MailError:
+def _configuration_error(
+    code: int, text: str, server: str
+) -> MailConfigurationError | None:
+    # The error for a reply about the configuration, or None.
+    match = _STATUS.match(text)
+    status = match.group(1) if match else ""
+    if (
+        code in _TLS_CODES
+        or status in _TLS_STATUSES
+        or (code == 530 and _MENTIONS_TLS.search(text))
+    ):
+        return MailTLSError(
+            f"{server} requires TLS; check the TLS settings (no_tls)",
+            code=code,
+            text=text,
+        )
+    if code == 535 or status == "7.8":
+        what = f"authentication failed at {server}; check the username and password"
+    elif code == 534 or status == "7.9":
+        what = f"{server} refuses the authentication mechanism as too weak"
+    elif code in _AUTH_CODES or status in _AUTH_STATUSES:
+        what = f"{server} requires authentication; configure a username and password"
+    else:
+        return None
+    return MailAuthenticationError(what, code=code, text=text)
+
+
+def _reply_error(exc: smtplib.SMTPResponseException, server: str) -> MailError:
+    code = exc.smtp_code
+    text = _decode(exc.smtp_error)
+    configuration = _configuration_error(code, text, server)
+    if configuration is not None:
+        return configuration
+    kind: type[MailError] = (
+        PermanentMailError if is_permanent_code(code) else TransientMailError
+    )
+    what = _SMTP_WHAT.get(type(exc), "SMTP error").format(server=server)
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        kind = MailAuthenticationError
+    elif isinstance(exc, smtplib.SMTPHeloError):
+        # A refused greeting or HELO says nothing about the message.
+        kind = MailHeloError
+    elif isinstance(exc, smtplib.SMTPConnectError):
+        kind = MailConnectionError
+    elif isinstance(exc, smtplib.SMTPSenderRefused):
+        what = f"sender <{_decode(exc.sender)}> refused"
+    return kind(what, code=code, text=text)
+
+
+def _refusals_error(exc: smtplib.SMTPRecipientsRefused, server: str) -> MailError:
+    refused = {
+        _decode(addr): (code, _decode(text))
+        for addr, (code, text) in exc.recipients.items()
+    }
+    errors = [_configuration_error(c, t, server) for c, t in refused.values()]
+    if errors and all(errors):
+        # Every recipient refused because of TLS or authentication.
+        return errors[0]  # type: ignore[return-value]
+    return RecipientsRefused(refused)
+
+
+def _tls_error(exc: ssl.SSLError, server: str) -> MailTLSError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return MailTLSError(
+            f"the TLS certificate of {server} could not be verified: {exc}"
+        )
+    return MailTLSError(f"TLS failure with {server}: {exc}")
+
+
+def classify(exc: BaseException, server: str | None = None) -> MailError:
     """Return the :class:`MailError` that *exc* amounts to.
 
     A :class:`MailError` is returned unchanged.  SMTP replies are classified
     by their code (5xx permanent, everything else transient), except that a
-    refused greeting or HELO is a transient :class:`MailConnectionError`;
-    connection problems and timeouts are transient; the exit status of a
+    refused greeting or HELO is a transient :class:`MailConnectionError`
+    and a reply about the client's configuration (TLS required,
+    authentication required or failed: 530, 534, 535, 538 and the matching
+    enhanced status codes) is a transient :class:`MailTLSError` or
+    :class:`MailAuthenticationError`; connection problems and timeouts are
+    transient; the exit status of a
     sendmail-compatible program (:class:`subprocess.CalledProcessError`) is
     transient if it is in :data:`TEMPORARY_EXIT_STATUSES` or the program was
     killed by a signal, permanent otherwise; anything unexpected is transient
     too, so that no message is dropped because of a bug or a passing
     condition.  The original exception is kept as ``__cause__``.
+
+    *server* (``"host:port"``) is named in the messages of the errors about
+    the connection, TLS and the configuration.
+
+    .. versionchanged:: 0.1
+       The *server* argument.
     """
     if isinstance(exc, MailError):
         return exc
+    where = server or "the server"
+    error: MailError
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        refused = {
-            _decode(addr): (code, _decode(text))
-            for addr, (code, text) in exc.recipients.items()
-        }
-        error: MailError = RecipientsRefused(refused)
+        error = _refusals_error(exc, where)
     elif isinstance(exc, smtplib.SMTPServerDisconnected):
         # smtplib reports a timeout while reading a reply as a disconnection.
         if isinstance(exc.__context__, TimeoutError):
-            error = MailTimeoutError(f"timed out: {exc}")
+            error = MailTimeoutError(f"timed out waiting for {where}: {exc}")
         else:
-            error = MailConnectionError(f"connection closed by the server: {exc}")
+            error = MailConnectionError(f"connection closed by {where}: {exc}")
     elif isinstance(exc, smtplib.SMTPResponseException):
-        code = exc.smtp_code
-        kind = PermanentMailError if is_permanent_code(code) else TransientMailError
-        what = _SMTP_WHAT.get(type(exc), "SMTP error")
-        if isinstance(exc, smtplib.SMTPAuthenticationError):
-            kind = MailAuthenticationError
-        elif isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPHeloError)):
-            # A refused greeting or HELO says nothing about the message.
-            kind = MailConnectionError
-        elif isinstance(exc, smtplib.SMTPSenderRefused):
-            what = f"sender <{_decode(exc.sender)}> refused"
-        error = kind(what, code=code, text=_decode(exc.smtp_error))
+        error = _reply_error(exc, where)
     elif isinstance(exc, subprocess.CalledProcessError):
         error = _exit_error(exc)
     elif isinstance(exc, subprocess.TimeoutExpired):
@@ -232,11 +395,13 @@ def classify(exc: BaseException) -> MailError:
             f"{_program(exc.cmd)} did not finish within {exc.timeout:g}s"
         )
     elif isinstance(exc, (socket.timeout, TimeoutError)):
-        error = MailTimeoutError(f"timed out: {exc}")
+        error = MailTimeoutError(f"timed out waiting for {where}: {exc}")
     elif isinstance(exc, ssl.SSLError):
-        error = MailTLSError(f"TLS failure: {exc}")
-    elif isinstance(exc, (ConnectionError, OSError)):
-        error = MailConnectionError(f"connection failure: {exc}")
+        error = _tls_error(exc, where)
+    elif isinstance(exc, ConnectionRefusedError):
+        error = MailConnectionRefusedError(f"connection refused by {where}")
+    elif isinstance(exc, OSError):
+        error = MailConnectionError(f"connection to {where} failed: {exc}")
     else:
         error = TransientMailError(f"unexpected error: {exc!r}")
     error.__cause__ = exc

@@ -19,7 +19,10 @@
 Only addr-specs reach the envelope; display names, comments and group
 names are dropped.  A header whose addresses cannot be parsed is an error,
 never skipped: a recipient must not be lost, or a wrong one made up, by a
-lenient parser.
+lenient parser.  So is an RFC 2047 encoded word inside an addr-spec, which
+the email package would decode (``jane@=?utf-8?q?evil.example?=`` to
+``jane@evil.example``) while mail clients show it as it is.  A local
+recipient without a domain (``To: root``) is taken; ``send()`` checks it.
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ import email.errors
 import email.message
 import email.policy
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
+from typing import Any
 
 from mailoutbox.message import message_to_bytes
 
@@ -47,6 +52,8 @@ _HARMLESS_DEFECTS = (
     email.errors.ObsoleteHeaderDefect,
     email.errors.NonASCIILocalPartDefect,
 )
+#: The defect of a local recipient (``root``), which ``send()`` accepts.
+_NO_DOMAIN = "addr-spec local part with no domain"
 
 
 def _header_lines(data: bytes) -> tuple[list[tuple[int, int]], int] | None:
@@ -123,16 +130,57 @@ def remove_headers(message: bytes, names: Iterable[str | bytes]) -> bytes:
     return b"".join(kept) + message[blank:]
 
 
+def _harmless(defect: email.errors.MessageDefect) -> bool:
+    return isinstance(defect, _HARMLESS_DEFECTS) or str(defect) == _NO_DOMAIN
+
+
+def _tokens(token: Any) -> Iterator[Any]:
+    """*token* of a header's parse tree and every token inside it."""
+    yield token
+    if isinstance(token, list):
+        for part in token:
+            yield from _tokens(part)
+
+
+def _encoded_addr_spec(tree: Any) -> str | None:
+    """The text of the first addr-spec of the parse *tree* of an address
+    header that holds an RFC 2047 encoded word; None if there is none."""
+    for token in _tokens(tree):
+        if getattr(token, "token_type", None) == "addr-spec" and any(
+            getattr(part, "token_type", None) == "encoded-word"
+            for part in _tokens(token)
+        ):
+            return str(token).strip()
+    return None
+
+
 def _addresses(name: str, values: Sequence[str]) -> list[str]:
     """The addr-specs named by the header fields *name* with *values*."""
     found = []
     for value in values:
-        header = email.policy.default.header_factory(name, value)
-        bad = [d for d in header.defects if not isinstance(d, _HARMLESS_DEFECTS)]
+        try:
+            header = email.policy.default.header_factory(name, value)
+        except Exception:  # the email package fails so on some input
+            raise ValueError(
+                f"cannot tell the addresses of the {name.title()} header"
+                f" {value!r}: it is not a list of valid addresses"
+            ) from None
+        bad = [d for d in header.defects if not _harmless(d)]
         if bad:
             raise ValueError(
                 f"cannot tell the addresses of the {name.title()} header {value!r}:"
                 f" {bad[0]}"
+            )
+        # The email package decodes encoded words wherever it finds them;
+        # in an addr-spec they are not allowed (RFC 2047 section 5), and a
+        # mail client shows them as they are, not as the address decoded.
+        encoded = _encoded_addr_spec(header._parse_tree)
+        if encoded is not None:
+            raise ValueError(
+                f"the {name.title()} header {value!r} has an RFC 2047 encoded"
+                f" word inside an address (decoded: {encoded!r}), where it is"
+                " not allowed: mail clients show it as it is, so it must not"
+                " be sent to the address it decodes to"
             )
         found.extend(address.addr_spec for address in header.addresses)
     return found

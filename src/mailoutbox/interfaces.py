@@ -84,8 +84,11 @@ class IMailDelivery(Interface):
 
         Raises :class:`ValueError` or :class:`TypeError`, with nothing joined
         to the transaction and nothing written, when: *toaddrs* is empty or is
-        a single string; any address contains CR, LF or NUL or is not a valid
-        address; the message has no header/body separation; the existing
+        a single string; any address contains NUL, or a CR or LF that is not
+        folding white space (which is unfolded), or is not a valid address;
+        the message has no header/body separation, or a header line that
+        would be read differently on the wire, or (a ``Message``) header
+        fields other than its headers once serialized; the existing
         ``Message-Id`` header is malformed; *mailer* is not a name the
         delivery was configured to route to.
 
@@ -226,7 +229,20 @@ class IMailer(Interface):
 
 
 class ISMTPMailer(IMailer):
-    """A mailer that hands messages to a relay host over SMTP."""
+    """A mailer that hands messages to a relay host over SMTP.
+
+    One mailer may be shared by any number of threads (the queue
+    processor's workers, request threads sending directly): each thread has
+    its own connection, which no other thread writes to or closes while it
+    is in use.
+
+    Errors (see :mod:`mailoutbox.errors`) about the connection, TLS and the
+    configuration name the server as ``host:port``.  Replies that are about
+    the sender's configuration rather than the message (TLS required,
+    authentication required or failed) are transient
+    :class:`~mailoutbox.errors.MailConfigurationError` s, so that queued
+    messages wait until the configuration is fixed.
+    """
 
     hostname = TextLine(
         title="Hostname",
@@ -236,8 +252,11 @@ class ISMTPMailer(IMailer):
 
     port = Int(
         title="Port",
-        description="Port of the SMTP service.",
+        description="Port of the SMTP service, from 1 to 65535 (checked when"
+        " the mailer is made: ValueError).",
         default=25,
+        min=1,
+        max=65535,
     )
 
     username = TextLine(
@@ -275,8 +294,18 @@ class ISMTPMailer(IMailer):
 
     timeout = Float(
         title="Timeout",
-        description="Timeout in seconds for each blocking operation on the"
-        " connection (connect, greeting, each command, TLS handshake).",
+        description="Timeout in seconds for each step of an SMTP session as a"
+        " whole: connecting, the TLS handshake, sending each command, and"
+        " each reply however slowly its lines come (a server that trickles"
+        " a reply for ever fails the attempt, transiently, after the"
+        " timeout).  The message data must be sent within the timeout once"
+        " for every 256 KiB (at least once: with 10 s, the server must read"
+        " 25.6 KiB a second), and the reply to it must come within the"
+        " timeout after that allowance at the latest.  A positive, finite"
+        " number (checked when the mailer is made: ValueError), or None"
+        " for no limit at all (not recommended: a silent server then holds"
+        " a worker for ever).\n\n.. versionchanged:: 0.1\n"
+        "   A deadline for each reply and for the data, not for each read.",
         required=False,
         default=10.0,
     )
@@ -296,8 +325,25 @@ class ISMTPMailer(IMailer):
         "\n\n.. versionadded:: 0.1"
     )
 
+    def close_connection():
+        """Close the calling thread's connection, if it has one: say QUIT
+        (ignoring any failure) and forget it.  The next message of this
+        thread opens a new one.
+
+        A worker thread calls this when it is done, rather than
+        :meth:`close`, which concerns every thread sharing the mailer.
+
+        .. versionadded:: 0.1
+        """
+
     def close():
-        """Close the connections this mailer keeps open for reuse.
+        """Close the connections this mailer keeps open for reuse, those
+        of every thread: the idle ones at once (with QUIT), the ones in use
+        by their threads as soon as the message being sent is done.  Safe
+        to call from any thread at any time; the mailer stays usable (the
+        next message opens a new connection).  The connections still open
+        when the mailer is garbage-collected, or at interpreter exit, are
+        closed the same way.
 
         .. versionadded:: 0.1
         """

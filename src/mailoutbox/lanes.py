@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mailoutbox._commit import roll_forward
 from mailoutbox.maildir import Maildir
 from mailoutbox.relays import relay_folders
 from mailoutbox.workers import Pass
@@ -144,6 +145,7 @@ class Lanes:
         workers.  Errors of the listing are raised."""
         processor = self.processor
         maildir = lane.maildir
+        roll_forward(maildir)  # transactions that a crash cut short
         scan = maildir.scan()
         try:
             if maildir.cleanup(scan, processor.lease):

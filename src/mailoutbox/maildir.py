@@ -131,18 +131,64 @@ class Scan:
 class Maildir:
     """See :class:`mailoutbox.interfaces.IMaildir`."""
 
+    #: Whether this call created the queue (its folder, or the ``tmp/``,
+    #: ``new/`` and ``cur/`` folders in an empty directory); False when it
+    #: opened an existing queue.
+    created: bool = False
+
     def __init__(self, path: str, create: bool = False) -> None:
+        """Open the queue at *path*.
+
+        With *create*, a missing *path* is created, and so are the
+        ``tmp/``, ``new/`` and ``cur/`` folders in an existing empty
+        directory (e.g. one that systemd's ``StateDirectory=`` made), all
+        with mode 0700; :attr:`created` tells whether that happened.
+        Anything else that is not a queue -- a regular file, a directory
+        that holds other things -- raises :class:`ValueError` and nothing
+        is created in it.
+        """
         self.path = os.fspath(path)
         self.tmp = os.path.join(self.path, "tmp")
         self.new = os.path.join(self.path, "new")
         self.cur = os.path.join(self.path, "cur")
         self.failed = os.path.join(self.path, FAILED)
+        folders = (self.tmp, self.new, self.cur)
+        if all(os.path.isdir(d) for d in folders):
+            return
+        problem = "it is not a mail queue"
         if create:
-            for folder in (self.path, self.tmp, self.new, self.cur):
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(folder, DIR_MODE)
-        if not all(os.path.isdir(d) for d in (self.tmp, self.new, self.cur)):
-            raise ValueError(f"{self.path} is not a Maildir folder")
+            problem = self._why_not_create()
+            if not problem:
+                for folder in (self.path, *folders):
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(folder, DIR_MODE)
+                self.created = True
+                return
+        raise ValueError(f"{self.path} is not a Maildir folder: {problem}")
+
+    def _why_not_create(self) -> str:
+        """Why *create* may not make a queue at :attr:`path` ("" if it may:
+        the path is missing, or an empty directory, or one that holds only
+        folders of a queue -- ``tmp/``, ``new/``, ``cur/``, ``failed/``,
+        ``relays/`` -- from a creation that was interrupted or is racing
+        this one)."""
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return ""
+        except NotADirectoryError:
+            if not os.path.lexists(self.path):
+                return ""  # a parent is a file: os.mkdir() raises the error
+            return "it is a file, not a mail queue; nothing was created"
+        for name in names:
+            if name not in ("tmp", "new", "cur", FAILED, "relays") or not is_folder(
+                os.path.join(self.path, name)
+            ):
+                return (
+                    "it is not a mail queue and not empty (it holds"
+                    f" {name!r}); nothing was created in it"
+                )
+        return ""
 
     def __repr__(self) -> str:
         return f"<Maildir {self.path!r}>"

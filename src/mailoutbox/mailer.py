@@ -9,23 +9,28 @@ Both raise the classified errors of :mod:`mailoutbox.errors`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import smtplib
 import ssl
 import subprocess
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import NoReturn
 
 from zope.interface import implementer
 
+from ._pool import ConnectionPool
 from ._smtp import Connection
 from ._smtp import encode_data
 from ._smtp import envelope_address
 from .errors import MailAuthenticationError
+from .errors import MailAuthenticationUnavailableError
 from .errors import MailConnectionError
 from .errors import MailTLSError
+from .errors import MailTLSUnavailableError
 from .errors import PermanentMailError
 from .errors import classify
 from .interfaces import ISendmailMailer
@@ -66,11 +71,31 @@ def _envelope(fromaddr: str, toaddrs: Sequence[str]) -> tuple[str, list[str]]:
     return sender, recipients
 
 
-def _reraise(exc: Exception) -> NoReturn:
-    error = classify(exc)
+def _reraise(exc: Exception, server: str | None = None) -> NoReturn:
+    error = classify(exc, server)
     if error is exc:
         raise exc
     raise error from exc
+
+
+def _port(port: object) -> int:
+    if isinstance(port, str) and port.strip().isdecimal():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port must be a whole number from 1 to 65535, not {port!r}")
+    return port
+
+
+def _timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+        if 0 < seconds < math.inf:  # also false for NaN
+            return seconds
+    raise ValueError(
+        f"timeout must be a positive, finite number of seconds or None, not {timeout!r}"
+    )
 
 
 @implementer(ISMTPMailer)
@@ -79,16 +104,40 @@ class SMTPMailer:
 
     One connection is kept per thread.  :meth:`vote` opens (or checks) the
     calling thread's connection; :meth:`send` uses it, opening one if
-    needed, and leaves it open for the next message; :meth:`abort` closes
-    it; :meth:`close` closes the connections of all threads and must not be
-    called while a message is being sent.  A connection the server dropped
-    while idle is replaced transparently, once, as long as nothing of the
-    new message was accepted; nothing is retried after the end of the data
-    was sent, since that could deliver a message twice.
+    needed, and leaves it open for the next message; :meth:`abort` and
+    :meth:`close_connection` close it; :meth:`close` closes the idle
+    connections of all threads at once and the others as soon as their
+    threads are done with them, so it may be called at any time.  The
+    connections still open when the mailer is garbage-collected, or when
+    the interpreter exits, are closed the same way.  A connection the server
+    dropped while idle is replaced transparently, once, as long as nothing
+    of the new message was accepted; nothing is retried after the end of the
+    data was sent, since that could deliver a message twice.
     """
 
     #: The class of the SMTP sessions (a :class:`smtplib.SMTP` subclass).
     connection_class = Connection
+
+    _NO_SMTP = (
+        "'smtp' is zope.sendmail's SMTP factory, which mailoutbox's SMTPMailer"
+        " does not use: set connection_class to a subclass of its class instead"
+    )
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "smtp" in vars(cls):
+            raise TypeError(f"{cls.__qualname__} sets {cls._NO_SMTP}")
+
+    @property
+    def smtp(self) -> NoReturn:
+        """Not supported: zope.sendmail's seam for its SMTP factory.
+        Setting it, on a subclass or an instance, raises :class:`TypeError`;
+        :attr:`connection_class` is the seam of this mailer."""
+        raise AttributeError(self._NO_SMTP)
+
+    @smtp.setter
+    def smtp(self, factory: object) -> None:
+        raise TypeError(f"cannot set {self._NO_SMTP}")
 
     def __init__(
         self,
@@ -108,24 +157,28 @@ class SMTPMailer:
         if no_tls and force_tls and not implicit_tls:
             raise ValueError("no_tls and force_tls cannot both be set")
         self.hostname = hostname
-        self.port = int(port)
+        self.port = _port(port)
         self.username = username
         self.password = password
         self.no_tls = no_tls
         self.force_tls = force_tls
         self.implicit_tls = implicit_tls
-        self.timeout = timeout
+        self.timeout = _timeout(timeout)
         self.ca_file = ca_file
         self.local_hostname = local_hostname
         self._ehlo_name = local_hostname  # looked up once, by the first connection
         self._ssl_context = ssl_context
         self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: dict[Connection, threading.Thread] = {}
+        self._pool = ConnectionPool()
+        weakref.finalize(self, self._pool.close)
 
     def __repr__(self) -> str:
         user = f" user={self.username!r}" if self.username else ""
         return f"<{type(self).__name__} {self.hostname}:{self.port}{user}>"
+
+    @property
+    def _server(self) -> str:
+        return f"{self.hostname}:{self.port}"
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -146,7 +199,7 @@ class SMTPMailer:
         """See :class:`mailoutbox.interfaces.IMailer`."""
         sender, recipients = _envelope(fromaddr, toaddrs)
         try:
-            connection = self._current()
+            connection = self._acquire()
             if connection is not None:
                 try:
                     connection.ping()
@@ -162,8 +215,9 @@ class SMTPMailer:
                 connection = self._connect()
             self._check_smtputf8(connection, sender, recipients)
         except Exception as exc:
-            self._forget_if_closed()
-            _reraise(exc)
+            _reraise(exc, self._server)
+        finally:
+            self._release()
 
     def send(
         self, fromaddr: str, toaddrs: Sequence[str], message: bytes | str
@@ -172,7 +226,7 @@ class SMTPMailer:
         sender, recipients = _envelope(fromaddr, toaddrs)
         data = encode_data(message)
         try:
-            connection = self._current()
+            connection = self._acquire()
             reused = connection is not None
             if connection is None:
                 connection = self._connect()
@@ -185,17 +239,17 @@ class SMTPMailer:
                 if not (reused and self._dropped_while_idle(connection, exc)):
                     raise
                 log.info(
-                    "%s:%s closed the idle connection (%s); reconnecting to send %s",
-                    self.hostname,
-                    self.port,
+                    "%s closed the idle connection (%s); reconnecting to send %s",
+                    self._server,
                     exc,
                     _MessageId(data),
                 )
                 self._forget(connection)
                 refused = self._transaction(self._connect(), sender, recipients, data)
         except Exception as exc:
-            self._forget_if_closed()
-            _reraise(exc)
+            _reraise(exc, self._server)
+        finally:
+            self._release()
         if refused:
             log.info("sent %s; refused recipients: %s", _MessageId(data), refused)
         else:
@@ -204,68 +258,78 @@ class SMTPMailer:
 
     def abort(self) -> None:
         """See :class:`mailoutbox.interfaces.IMailer`."""
-        connection = getattr(self._local, "connection", None)
+        connection = self._acquire()
         if connection is not None:
             connection.quit_quietly()
             self._forget(connection)
 
+    def close_connection(self) -> None:
+        """See :class:`mailoutbox.interfaces.ISMTPMailer`."""
+        self.abort()
+
     def close(self) -> None:
         """See :class:`mailoutbox.interfaces.ISMTPMailer`."""
-        with self._lock:
-            connections = list(self._connections)
-            self._connections.clear()
-        for connection in connections:
-            connection.quit_quietly()
+        self._pool.close()
 
     # -- connections -------------------------------------------------------
 
-    def _current(self) -> Connection | None:
+    def _acquire(self) -> Connection | None:
+        # The calling thread's connection, now busy, or None.
         connection = getattr(self._local, "connection", None)
-        if connection is not None and connection.sock is None:
-            self._forget(connection)
+        if connection is None:
+            return None
+        if not self._pool.take(connection):
+            # Closed by close() in another thread: that thread QUITs it.
+            self._local.connection = None
             return None
         return connection
 
+    def _release(self) -> None:
+        # The calling thread is done with its connection for now.
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            return
+        if connection.sock is None:
+            self._forget(connection)
+        elif self._pool.release(connection):
+            self._local.connection = None
+            connection.quit_quietly()
+
     def _forget(self, connection: Connection) -> None:
-        with self._lock:
-            self._connections.pop(connection, None)
+        self._pool.remove(connection)
         self._local.connection = None
         connection.close()
 
-    def _forget_if_closed(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None and connection.sock is None:
-            self._forget(connection)
-
     def _connect(self) -> Connection:
-        with self._lock:
-            # Connections of threads that ended are closed, without QUIT.
-            dead = [c for c, t in self._connections.items() if not t.is_alive()]
-            for connection in dead:
-                del self._connections[connection]
-        for connection in dead:
-            connection.close()
-        log.debug("connecting to %s:%s", self.hostname, self.port)
-        connection = self.connection_class(
-            self.hostname,
-            self.port,
-            local_hostname=self.local_hostname or self._ehlo_name,
-            timeout=self.timeout,
-            implicit_context=self.ssl_context if self.implicit_tls else None,
-        )
+        self._pool.reap()
+        log.debug("connecting to %s", self._server)
+        try:
+            connection = self.connection_class(
+                self.hostname,
+                self.port,
+                local_hostname=self.local_hostname or self._ehlo_name,
+                timeout=self.timeout,
+                implicit_context=self.ssl_context if self.implicit_tls else None,
+            )
+        except ssl.SSLError as exc:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise
+            raise MailTLSError(
+                f"TLS handshake with {self._server} failed ({exc}); implicit_tls"
+                " is set: does the server speak TLS from the start on this port"
+                " (SMTPS, usually 465), or plain SMTP with STARTTLS?"
+            ) from exc
         try:
             self._handshake(connection)
         except BaseException:
             connection.close()
             raise
         self._ehlo_name = connection.local_hostname
-        with self._lock:
-            self._connections[connection] = threading.current_thread()
+        self._pool.add(connection)
         self._local.connection = connection
         log.debug(
-            "connected to %s:%s (TLS: %s, ESMTP: %s, PIPELINING: %s)",
-            self.hostname,
-            self.port,
+            "connected to %s (TLS: %s, ESMTP: %s, PIPELINING: %s)",
+            self._server,
             connection.tls,
             connection.does_esmtp,
             connection.has_extn("pipelining"),
@@ -276,28 +340,37 @@ class SMTPMailer:
         connection.ehlo_or_helo_if_needed()
         if not (self.implicit_tls or self.no_tls):
             if connection.has_extn("starttls"):
-                try:
-                    connection.starttls(context=self.ssl_context)
-                except smtplib.SMTPResponseException as exc:
-                    raise MailTLSError(
-                        "STARTTLS refused",
-                        exc.smtp_code,
-                        exc.smtp_error.decode("utf-8", "replace"),
-                    ) from exc
-                connection.tls = True
-                connection.ehlo_or_helo_if_needed()
+                self._starttls(connection)
             elif self.force_tls:
-                raise MailTLSError(
-                    f"{self.hostname}:{self.port} does not offer STARTTLS,"
+                raise MailTLSUnavailableError(
+                    f"{self._server} does not offer STARTTLS,"
                     " and force_tls forbids sending without TLS"
                 )
         if self.username:
             self._login(connection)
 
+    def _starttls(self, connection: Connection) -> None:
+        try:
+            connection.starttls(context=self.ssl_context)
+        except smtplib.SMTPResponseException as exc:
+            raise MailTLSError(
+                f"STARTTLS refused by {self._server}",
+                exc.smtp_code,
+                exc.smtp_error.decode("utf-8", "replace"),
+            ) from exc
+        except ssl.SSLError as exc:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise
+            raise MailTLSError(
+                f"TLS handshake with {self._server} after STARTTLS failed: {exc}"
+            ) from exc
+        connection.tls = True
+        connection.ehlo_or_helo_if_needed()
+
     def _login(self, connection: Connection) -> None:
         if not connection.has_extn("auth"):
-            raise MailAuthenticationError(
-                f"a username is configured, but {self.hostname}:{self.port}"
+            raise MailAuthenticationUnavailableError(
+                f"a username is configured, but {self._server}"
                 " does not offer AUTH"
                 + ("" if connection.does_esmtp else " (it does not speak ESMTP)")
                 + ("" if connection.tls or self.no_tls else " (without TLS)")
@@ -312,12 +385,10 @@ class SMTPMailer:
         except smtplib.SMTPException as exc:
             if type(exc) is not smtplib.SMTPException:
                 raise
-            problem = f"no AUTH mechanism in common with {self.hostname}:{self.port}"
+            problem = f"no AUTH mechanism in common with {self._server}"
         if problem is not None:
             raise MailAuthenticationError(problem)
-        log.debug(
-            "authenticated to %s:%s as %s", self.hostname, self.port, self.username
-        )
+        log.debug("authenticated to %s as %s", self._server, self.username)
 
     def _check_smtputf8(
         self, connection: Connection, sender: str, recipients: list[str]
@@ -327,7 +398,7 @@ class SMTPMailer:
         if not connection.has_extn("smtputf8"):
             raise PermanentMailError(
                 "the envelope has non-ASCII addresses, but"
-                f" {self.hostname}:{self.port} does not offer SMTPUTF8"
+                f" {self._server} does not offer SMTPUTF8"
             )
         return True
 

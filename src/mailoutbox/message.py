@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 from functools import lru_cache
+from typing import NamedTuple
 
 from mailoutbox.address import check_recipients
 from mailoutbox.address import check_sender
@@ -74,7 +75,7 @@ def make_msgid() -> str:
 # -- messages ----------------------------------------------------------------
 
 
-def _to_bytes(message: bytes | str | email.message.Message) -> bytes:
+def _serialize(message: bytes | str | email.message.Message) -> bytes:
     if isinstance(message, bytes):
         return message
     if isinstance(message, bytearray):
@@ -103,21 +104,27 @@ def _to_bytes(message: bytes | str | email.message.Message) -> bytes:
     )
 
 
-def message_to_bytes(message: bytes | str | email.message.Message) -> bytes:
-    """*message* as ``bytes``, as :func:`prepare_message` turns it into
-    bytes (without adding a Message-Id).
+class _Headers(NamedTuple):
+    """What :func:`_scan_headers` found in a header section."""
 
-    .. versionadded:: 0.1
-    """
-    return _to_bytes(message)
+    #: The line separator of the header section.
+    linesep: bytes
+    #: The values of the Message-Id fields, unfolded.
+    message_ids: list[bytes]
+    #: The names of the fields, in order, lower-case.
+    names: list[str]
 
 
-def _scan_headers(data: bytes) -> tuple[bytes, list[bytes]]:
-    """Check the header section; return the line separator and the values
-    of the Message-Id headers (unfolded)."""
+def _scan_headers(data: bytes) -> _Headers:
+    """Check the header section of *data*, as it will be queued or sent:
+    every line ends with the separator of the first line (CRLF or LF) and
+    is a header field or the continuation of one, and the section ends
+    with a blank line."""
     first_end = data.find(b"\n")
     linesep = b"\r\n" if first_end > 0 and data[first_end - 1] == 13 else b"\n"
+    crlf = linesep == b"\r\n"
     message_ids: list[list[bytes]] = []
+    names: list[str] = []
     current: list[bytes] | None = None
     position = 0
     number = 1
@@ -129,7 +136,13 @@ def _scan_headers(data: bytes) -> tuple[bytes, list[bytes]]:
                 " body (a message with headers only must end with one)"
             )
         line = data[position:end]
-        if line.endswith(b"\r"):
+        if crlf:
+            if not line.endswith(b"\r"):
+                raise ValueError(
+                    f"line {number} of the message ends with a bare LF"
+                    f" ({line[:60]!r}) while its headers end lines with"
+                    " CRLF: a header line must not be split by a bare LF"
+                )
             line = line[:-1]
         if b"\r" in line:
             raise ValueError(
@@ -138,7 +151,9 @@ def _scan_headers(data: bytes) -> tuple[bytes, list[bytes]]:
                 " wire"
             )
         if not line:
-            return linesep, [b" ".join(parts).strip() for parts in message_ids]
+            return _Headers(
+                linesep, [b" ".join(parts).strip() for parts in message_ids], names
+            )
         if line[:1] in (b" ", b"\t") and number > 1:
             if current is not None:
                 current.append(line.strip())
@@ -151,11 +166,72 @@ def _scan_headers(data: bytes) -> tuple[bytes, list[bytes]]:
                     " blank line, then the body"
                 )
             current = None
-            if name.lower() == b"message-id":
+            names.append(name.decode("ascii").lower())
+            if names[-1] == "message-id":
                 current = [value]
                 message_ids.append(current)
         position = end + 1
         number += 1
+
+
+def _check_fields(message: email.message.Message, found: list[str]) -> None:
+    """Refuse a serialized *message* whose header fields (*found*) are not
+    exactly the headers the caller set: a value with a line break that is
+    not folding white space (a lone surrogate makes compat32 write it raw,
+    ``set_raw()`` and :data:`email.policy.default` rejoin its lines) would
+    add a header, or end the header section early."""
+    keys = [str(key) for key in message]  # the header names
+    if found == [key.lower() for key in keys]:
+        return
+    index = next(
+        (i for i, (a, b) in enumerate(zip(found, keys, strict=False))
+         if a != b.lower()),
+        min(len(found), len(keys)),
+    )
+    if index < len(found):
+        effect = (f"would add a {found[index].title()!r} header the message"
+                  " does not have")
+    else:
+        effect = "would end the headers early"
+    if index < len(keys) and not _FIELD_NAME.match(
+            keys[index].encode("utf-8", "surrogateescape")):
+        raise ValueError(
+            f"the header name {keys[index]!r} of the message is not a field"
+            " name (printable ASCII except ':'); serialized, it"
+            f" {effect}: refused, as header injection"
+        )
+    raise ValueError(
+        f"the {keys[max(index - 1, 0)]!r} header of the message holds a line"
+        " break that is not folding white space (a line break followed by a"
+        f" space or tab); serialized, it {effect}: refused, as header injection"
+    )
+
+
+def _to_bytes(
+    message: bytes | str | email.message.Message,
+) -> tuple[bytes, _Headers | None]:
+    """*message* serialized, and its header section scanned when it is an
+    :class:`email.message.Message` (whose headers are then checked against
+    the fields of the bytes)."""
+    data = _serialize(message)
+    if not isinstance(message, email.message.Message):
+        return data, None
+    headers = _scan_headers(data)
+    _check_fields(message, headers.names)
+    return data, headers
+
+
+def message_to_bytes(message: bytes | str | email.message.Message) -> bytes:
+    """*message* as ``bytes``, as :func:`prepare_message` turns it into
+    bytes (without adding a Message-Id).
+
+    An :class:`email.message.Message` is checked after serialization as
+    :func:`prepare_message` checks it: the header fields of the bytes must
+    be exactly its headers (:class:`ValueError` otherwise).
+
+    .. versionadded:: 0.1
+    """
+    return _to_bytes(message)[0]
 
 
 def prepare_message(
@@ -169,14 +245,23 @@ def prepare_message(
     serialized with its own policy, except that long header lines are not
     refolded.  An existing Message-Id header is kept;
     when there is none, one made by *new_message_id* is added as the first
-    header, ending with the line separator the message uses.  Raises
-    :class:`ValueError` when the message has no blank line after its
-    headers, when a line of the header section is not a header field, or
-    when the Message-Id header is malformed or repeated, and
-    :class:`TypeError` for other types.
+    header, ending with the line separator the message uses.
+
+    The header section is checked in the bytes, as it will be queued or
+    sent.  Raises :class:`ValueError` when the message has no blank line
+    after its headers; when a line of the header section is not a header
+    field or the continuation of one, or does not end as the first line
+    does (a CR inside a line, a bare LF among CRLF line ends); when the
+    header fields of a serialized :class:`email.message.Message` are not
+    exactly its headers (a value with a line break that is not folding
+    white space would add a header or end the headers early); or when the
+    Message-Id header is malformed or repeated; and :class:`TypeError` for
+    other types.
     """
-    data = _to_bytes(message)
-    linesep, values = _scan_headers(data)
+    data, headers = _to_bytes(message)
+    if headers is None:
+        headers = _scan_headers(data)
+    linesep, values = headers.linesep, headers.message_ids
     if len(values) > 1:
         raise ValueError(
             f"the message has {len(values)} Message-Id headers; it may have"

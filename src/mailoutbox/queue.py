@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +50,14 @@ from mailoutbox.workers import Pass
 from mailoutbox.workers import ProgressCallback
 from mailoutbox.workers import Stats
 
-__all__ = ["DEFAULT_CONCURRENCY", "QueueProcessorThread", "Stats", "message_id_of"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "ConsoleApp",  # noqa: F822 - from mailoutbox.cli.zope_sendmail, on first use
+    "QueueProcessorThread",
+    "Stats",
+    "message_id_of",
+    "run",  # noqa: F822 - from mailoutbox.cli.zope_sendmail, on first use
+]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +161,17 @@ class QueueProcessorThread(MessageSender, threading.Thread):
             mailer = zope.component.queryUtility(IMailer, name)
         return _MissingMailer(name) if mailer is None else mailer
 
-    def setMaildir(self, maildir: Maildir) -> None:
+    def setMaildir(self, maildir: Any) -> None:
+        """Use *maildir*: a :class:`~mailoutbox.maildir.Maildir`, or another
+        :class:`~mailoutbox.interfaces.IMaildir` with a ``path`` (such as
+        zope.sendmail's), whose folder is then opened as one."""
+        if not hasattr(maildir, "scan"):
+            path = getattr(maildir, "path", None)
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(
+                    f"cannot process the queue {maildir!r}: it is not a"
+                    " mailoutbox Maildir and has no path to open one at")
+            maildir = self.maildir_factory(path)
         self.maildir = maildir
 
     def setQueuePath(self, path: str) -> None:
@@ -296,3 +314,13 @@ class QueueProcessorThread(MessageSender, threading.Thread):
             job.record(outcome)
             if outcome != SKIPPED:
                 job.observe(time.perf_counter() - wall, time.thread_time() - cpu)
+
+
+def __getattr__(name: str) -> Any:
+    # zope.sendmail's console application lives in its queue module; ours
+    # is in the command-line package, which imports this module.
+    if name in ("ConsoleApp", "run"):
+        from mailoutbox.cli import zope_sendmail
+
+        return getattr(zope_sendmail, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

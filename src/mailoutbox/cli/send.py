@@ -2,12 +2,14 @@
 
 The message is either read whole from standard input (an RFC 5322 message,
 headers and body), or built from ``--subject`` and ``--body`` (or a body
-read from standard input).  The envelope comes from ``--from`` and ``--to``;
-without them, from the headers, as ``send_message()`` takes it
-(:mod:`mailoutbox.headers`): the ``Sender`` or ``From`` header, and the
-``To``, ``Cc`` and ``Bcc`` headers (or the newest ``Resent-`` block).  The
-``Bcc`` headers are then removed from the message.  ``--relay NAME``
-queues the message for the relay NAME.
+read from standard input).  Either way it is queued by ``send_message()``,
+with its checks: the envelope comes from ``--from`` and ``--to``; without
+them, from the headers (:mod:`mailoutbox.headers`): the ``Sender`` or
+``From`` header, and the ``To``, ``Cc`` and ``Bcc`` headers (or the newest
+``Resent-`` block).  The ``Bcc`` headers are always removed from the
+message, also when ``--to`` names the recipients.  ``--relay NAME`` queues
+the message for the relay NAME.  Bad input ends the command with one line
+on standard error and exit status 2.
 """
 from __future__ import annotations
 
@@ -15,19 +17,18 @@ import argparse
 import email.policy
 from email.message import EmailMessage
 from email.utils import formatdate
-from email.utils import getaddresses
 from typing import Any
 
+from mailoutbox.address import check_recipients
+from mailoutbox.address import check_sender
 from mailoutbox.cli.common import add_common_arguments
 from mailoutbox.cli.common import add_queue_argument
 from mailoutbox.cli.common import queue_path
 from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
-from mailoutbox.headers import envelope_from_headers as _envelope
-from mailoutbox.headers import remove_headers
 
-__all__ = ["add_parser", "build_message", "envelope_from_headers", "send"]
+__all__ = ["add_parser", "build_message", "send", "split_addresses"]
 
 
 def add_parser(commands: Any) -> None:
@@ -38,8 +39,8 @@ def add_parser(commands: Any) -> None:
         " Message-Id.  Give a whole message on standard input, or --subject"
         " and --body (without --body, the body is read from standard input)."
         "  Without --from and --to, the envelope is taken from the Sender or"
-        " From, To, Cc and Bcc headers (or the newest Resent- block), and the"
-        " Bcc headers are removed.",
+        " From, To, Cc and Bcc headers (or the newest Resent- block).  The"
+        " Bcc headers are always removed.",
     )
     add_queue_argument(parser)
     parser.add_argument(
@@ -64,46 +65,58 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(func=send)
 
 
-def _split_addresses(values: list[str]) -> list[str]:
-    """``--to 'a@example.org, b@example.org'`` is two recipients."""
+def split_addresses(values: list[str]) -> list[str]:
+    """The recipients of the ``--to`` options: ``--to 'a@example.org,
+    b@example.org'`` is two.  Each value is split at the commas outside
+    quoted strings and angle brackets; nothing else is changed, so that
+    ``send_message()`` checks each address as it was given (a CR or LF
+    stays in it, and is refused)."""
     found: list[str] = []
     for value in values:
-        pairs = getaddresses([value])
-        if len(pairs) <= 1:
-            found.append(value.strip())
-        else:
-            found.extend(
-                f"{name} <{addr}>" if name else addr for name, addr in pairs
-            )
+        parts = []
+        start = depth = 0
+        quoted = escaped = False
+        for index, char in enumerate(value):
+            if escaped:
+                escaped = False
+            elif quoted:
+                escaped = char == "\\"
+                quoted = char != '"'
+            elif char == '"':
+                quoted = True
+            elif char in "<>":
+                depth += 1 if char == "<" else -1
+            elif char == "," and depth == 0:
+                parts.append(value[start:index])
+                start = index + 1
+        parts.append(value[start:])
+        found.extend([part.strip(" \t") for part in parts if part.strip(" \t")]
+                     or [value])
     return found
 
 
 def build_message(fromaddr: str, toaddrs: list[str], subject: str,
                   body: str) -> bytes:
-    """A text message from its parts."""
-    message = EmailMessage(policy=email.policy.SMTP)
+    """A text message from its parts; *fromaddr* and *toaddrs* must have
+    been checked (:func:`mailoutbox.address.check_sender`,
+    :func:`~mailoutbox.address.check_recipients`).
+
+    Non-ASCII addresses are written as UTF-8 (they need a server that
+    offers SMTPUTF8 anyway): the RFC 2047 encoded words that the email
+    package would put into them are not allowed in an address.
+    """
+    ascii_only = all(a.isascii() for a in (fromaddr, *toaddrs))
+    message = EmailMessage(
+        policy=email.policy.SMTP if ascii_only else email.policy.SMTPUTF8)
     try:
         message["From"] = fromaddr
         message["To"] = ", ".join(toaddrs)
         message["Subject"] = subject
-    except (ValueError, IndexError) as exc:
+        message["Date"] = formatdate(localtime=True)
+        message.set_content(body)
+        return message.as_bytes()
+    except Exception as exc:  # the email package fails in many ways
         raise CLIError(f"invalid header: {exc}") from None
-    message["Date"] = formatdate(localtime=True)
-    message.set_content(body)
-    return message.as_bytes()
-
-
-def _drop_header(message: bytes, name: bytes) -> bytes:
-    """*message* without the header field *name* (see
-    :func:`mailoutbox.headers.remove_headers`)."""
-    return remove_headers(message, (name,))
-
-
-def envelope_from_headers(message: bytes) -> tuple[str | None, list[str]]:
-    """The sender and recipients named by the headers of *message* (see
-    :func:`mailoutbox.headers.envelope_from_headers`)."""
-    fromaddr, toaddrs = _envelope(message)
-    return fromaddr, list(toaddrs)
 
 
 def _read_stdin(console: Console, what: str) -> bytes:
@@ -114,45 +127,38 @@ def _read_stdin(console: Console, what: str) -> bytes:
 
 def send(args: argparse.Namespace, console: Console) -> int:
     path = queue_path(args, console)
-    toaddrs = _split_addresses(args.toaddrs or [])
+    fromaddr = args.fromaddr or None
+    toaddrs = split_addresses(args.toaddrs or []) or None
     if args.subject is not None or args.body is not None:
-        if not args.fromaddr or not toaddrs:
+        if not fromaddr or not toaddrs:
             raise CLIError("to build a message, give --from and --to")
+        try:
+            fromaddr = check_sender(fromaddr)
+            toaddrs = list(check_recipients(toaddrs))
+        except ValueError as exc:
+            raise CLIError(f"cannot queue the message: {exc}") from None
         body = args.body
         if body is None:
             body = _read_stdin(console, "the body").decode("utf-8", "replace")
-        message = build_message(args.fromaddr, toaddrs, args.subject or "", body)
-        fromaddr = args.fromaddr
+        message = build_message(fromaddr, toaddrs, args.subject or "", body)
     else:
         message = _read_stdin(console, "the message")
         if not message.strip():
             raise CLIError("no message on standard input")
-        try:
-            fromaddr, header_to = _envelope(
-                message, args.fromaddr or None, toaddrs or None)
-        except ValueError as exc:
-            raise CLIError(f"cannot queue the message: {exc}") from None
-        if not fromaddr:
-            raise CLIError("no sender: give --from, or a From (or Sender) header")
-        if not toaddrs:
-            if not header_to:
-                raise CLIError("no recipient: give --to, or To, Cc or Bcc headers")
-            message_id = queue_message(path, fromaddr, list(header_to), message,
-                                       args.relay, from_headers=True)
-            console.out(message_id)
-            return EXIT_OK
     message_id = queue_message(path, fromaddr, toaddrs, message, args.relay)
     console.out(message_id)
     return EXIT_OK
 
 
-def queue_message(path: str, fromaddr: str, toaddrs: list[str],
-                  message: bytes, relay: str | None = None, *,
-                  from_headers: bool = False) -> str:
+def queue_message(path: str, fromaddr: str | None, toaddrs: list[str] | None,
+                  message: bytes, relay: str | None = None) -> str:
     """Queue *message* in the queue at *path* in a transaction of its own,
-    for *relay* if given; return its Message-Id.  With *from_headers* the
-    recipients came from the headers, and the message is queued by
-    ``send_message()``, which removes its Bcc headers."""
+    for *relay* if given; return its Message-Id.
+
+    The message is queued by ``send_message()``, with its checks: the
+    envelope is *fromaddr* and *toaddrs*, or (where they are None) what
+    the headers name, and the ``Bcc`` headers are removed.
+    """
     import transaction
 
     from mailoutbox.delivery import QueuedMailDelivery
@@ -163,11 +169,8 @@ def queue_message(path: str, fromaddr: str, toaddrs: list[str],
             path, transaction_manager=manager,
             mailers=None if relay is None else [relay])
         manager.begin()
-        if from_headers:
-            message_id = delivery.send_message(message, fromaddr, toaddrs,
-                                               mailer=relay)
-        else:
-            message_id = delivery.send(fromaddr, toaddrs, message, mailer=relay)
+        message_id = delivery.send_message(message, fromaddr, toaddrs,
+                                           mailer=relay)
     except (ValueError, TypeError) as exc:
         manager.abort()
         raise CLIError(f"cannot queue the message: {exc}") from None
