@@ -388,6 +388,12 @@ def test_sender_refused_raises_an_smtp_exception(server):
         make_mailhost(server).send(TEXT, immediate=True)
 
 
+def test_message_refused_raises_smtp_data_error(server):
+    server.reply("DATA", "554 5.7.1 Message refused")
+    with pytest.raises(smtplib.SMTPDataError):
+        make_mailhost(server).send(TEXT, immediate=True)
+
+
 def test_no_server_raises_socket_error():
     with socket.socket() as sock:  # a port with nobody listening
         sock.bind(("127.0.0.1", 0))

@@ -4,7 +4,8 @@ Each module of zope.sendmail 7.3 is here a stub that replaces itself, in
 ``sys.modules``, by the mailoutbox module of the same role, so that
 ``zope.sendmail.delivery`` *is* ``mailoutbox.delivery`` (one module, one set
 of classes and globals).  ``meta.zcml`` and ``configure.zcml`` include
-mailoutbox's.  :func:`run` is the ``zope-sendmail`` script.
+mailoutbox's.  The ``zope-sendmail`` script is
+``zope.sendmail.queue.run``, as in zope.sendmail.
 
 The package cannot work beside the zope.sendmail distribution, which owns
 the same files: importing it while zope.sendmail is installed raises
@@ -13,10 +14,8 @@ the same files: importing it while zope.sendmail is installed raises
 from __future__ import annotations
 
 import importlib.metadata
-import sys
-from collections.abc import Sequence
 
-__all__ = ["MODULES", "run"]
+__all__ = ["MODULES"]
 
 #: zope.sendmail's module name -> the mailoutbox module it is.
 MODULES = {
@@ -46,12 +45,3 @@ def _check_not_beside_zope_sendmail() -> None:
 
 _check_not_beside_zope_sendmail()
 
-
-def run(argv: Sequence[str] | None = None) -> int:
-    """The ``zope-sendmail`` script: ``mailoutbox run`` with *argv* (default:
-    ``sys.argv[1:]``), which takes zope-sendmail's options and reads the
-    ``[app:zope-sendmail]`` section of its ``--config`` file.  Returns the
-    exit status."""
-    from mailoutbox.cli import main
-
-    return main(["run", *(sys.argv[1:] if argv is None else argv)])
