@@ -46,6 +46,8 @@ if ! [ -f "$SDIST/PKG-INFO" ]; then
 fi
 
 # MailHost's requirements but zope.sendmail, which the alias replaces.
+# pip builds local folders in place: no stale build/ may add removed files.
+rm -rf "$ROOT/build" "$ROOT/compat/zope.sendmail-alias/build"
 sed -n 's/^Requires-Dist: //p' "$SDIST/PKG-INFO" | grep -v 'extra ==' \
     | grep -iv '^zope[._-]sendmail' >"$WORK/mailhost-requirements.txt"
 pip install -q -r "$WORK/mailhost-requirements.txt" \
