@@ -45,9 +45,9 @@ if ! [ -f "$SDIST/PKG-INFO" ]; then
     tar -xzf "$WORK"/download/*.tar.gz -C "$SDIST" --strip-components=1
 fi
 
-# MailHost's requirements but zope.sendmail, which the alias replaces.
 # pip builds local folders in place: no stale build/ may add removed files.
 rm -rf "$ROOT/build" "$ROOT/compat/zope.sendmail-alias/build"
+# MailHost's requirements but zope.sendmail, which the alias replaces.
 sed -n 's/^Requires-Dist: //p' "$SDIST/PKG-INFO" | grep -v 'extra ==' \
     | grep -iv '^zope[._-]sendmail' >"$WORK/mailhost-requirements.txt"
 pip install -q -r "$WORK/mailhost-requirements.txt" \
