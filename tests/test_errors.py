@@ -11,15 +11,21 @@ import pytest
 
 from mailoutbox import errors
 from mailoutbox.errors import MailAuthenticationError
+from mailoutbox.errors import MailAuthenticationRefusedError
 from mailoutbox.errors import MailConnectionError
 from mailoutbox.errors import MailConnectionRefusedError
 from mailoutbox.errors import MailError
 from mailoutbox.errors import MailHeloError
 from mailoutbox.errors import MailTimeoutError
 from mailoutbox.errors import MailTLSError
+from mailoutbox.errors import PermanentDataRefusedError
 from mailoutbox.errors import PermanentMailError
+from mailoutbox.errors import PermanentReplyError
+from mailoutbox.errors import PermanentSenderRefusedError
 from mailoutbox.errors import RecipientsRefused
 from mailoutbox.errors import TransientMailError
+from mailoutbox.errors import TransientReplyError
+from mailoutbox.errors import TransientSenderRefusedError
 from mailoutbox.errors import classify
 
 
@@ -124,11 +130,12 @@ def test_classify_disconnection_by_timeout_is_a_timeout():
 @pytest.mark.parametrize(
     ("exc", "kind", "text"),
     [
-        (smtplib.SMTPResponseException(554, b"no"), PermanentMailError, "SMTP error"),
-        (smtplib.SMTPResponseException(451, "later"), TransientMailError, "SMTP error"),
+        (smtplib.SMTPResponseException(554, b"no"), PermanentReplyError, "SMTP error"),
+        (smtplib.SMTPResponseException(451, "later"), TransientReplyError,
+         "SMTP error"),
         (
             smtplib.SMTPAuthenticationError(535, b"5.7.8 bad credentials"),
-            MailAuthenticationError,
+            MailAuthenticationRefusedError,
             "authentication failed at the server; check the username and password",
         ),
         (
@@ -141,15 +148,16 @@ def test_classify_disconnection_by_timeout_is_a_timeout():
             MailHeloError,
             "HELO/EHLO refused by the server",
         ),
-        (smtplib.SMTPDataError(554, b"spam"), PermanentMailError, "message refused"),
+        (smtplib.SMTPDataError(554, b"spam"), PermanentDataRefusedError,
+         "message refused"),
         (
             smtplib.SMTPSenderRefused(553, b"bad sender", b"s@example.org"),
-            PermanentMailError,
+            PermanentSenderRefusedError,
             "sender <s@example.org> refused",
         ),
         (
             smtplib.SMTPSenderRefused(451, b"later", "s@example.org"),
-            TransientMailError,
+            TransientSenderRefusedError,
             "sender <s@example.org> refused",
         ),
     ],
@@ -157,6 +165,13 @@ def test_classify_disconnection_by_timeout_is_a_timeout():
 def test_classify_replies(exc, kind, text):
     error = classify(exc)
     assert type(error) is kind
+    if kind not in (MailConnectionError, MailHeloError):
+        # Also smtplib's exception for the reply, as zope.sendmail let
+        # through, with its attributes.
+        assert isinstance(error, type(exc))
+        assert (error.smtp_code, error.smtp_error) == (
+            exc.smtp_code, exc.smtp_error if isinstance(exc.smtp_error, bytes)
+            else exc.smtp_error.encode())
     assert error.code == exc.smtp_code
     assert str(error).startswith(text + ": ")
     assert error.text == (
@@ -232,3 +247,21 @@ def test_classify_subprocess_timeout():
     error = classify(exc)
     assert type(error) is MailTimeoutError
     assert str(error) == "/usr/sbin/sendmail did not finish within 2.5s"
+
+
+def test_reply_errors_are_smtplib_exceptions_too():
+    """Products.MailHost's callers catch smtplib's exceptions (Plone catches
+    SMTPException): the errors for a reply are those too."""
+    refused = classify(smtplib.SMTPSenderRefused(553, b"5.7.1 no", b"a@example.org"))
+    assert isinstance(refused, smtplib.SMTPSenderRefused)
+    assert isinstance(refused, PermanentMailError)
+    assert refused.sender == "a@example.org"
+    assert refused.permanent and refused.code == 553
+    data = classify(smtplib.SMTPDataError(451, b"4.3.0 later"))
+    assert isinstance(data, smtplib.SMTPDataError)
+    assert isinstance(data, TransientMailError) and not data.permanent
+    auth = classify(smtplib.SMTPAuthenticationError(535, b"5.7.8 bad"))
+    assert isinstance(auth, smtplib.SMTPAuthenticationError)
+    assert isinstance(auth, MailAuthenticationError) and not auth.permanent
+    for error in (refused, data, auth):
+        assert isinstance(error, smtplib.SMTPException)

@@ -368,7 +368,7 @@ def test_configuration_refusals_are_transient_and_name_the_server(
     with pytest.raises(MailConfigurationError) as info:
         mailer.send(SENDER, TO, message())
     error = info.value
-    assert type(error) is kind
+    assert isinstance(error, kind)
     assert error.permanent is False
     assert error.code == int(reply[:3])
     assert f"{smtp_server.host}:{smtp_server.port}" in str(error)

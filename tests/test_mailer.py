@@ -40,9 +40,13 @@ from mailoutbox.errors import MailError
 from mailoutbox.errors import MailHeloError
 from mailoutbox.errors import MailTimeoutError
 from mailoutbox.errors import MailTLSError
+from mailoutbox.errors import PermanentDataRefusedError
 from mailoutbox.errors import PermanentMailError
+from mailoutbox.errors import PermanentSenderRefusedError
 from mailoutbox.errors import RecipientsRefused
+from mailoutbox.errors import TransientDataRefusedError
 from mailoutbox.errors import TransientMailError
+from mailoutbox.errors import TransientSenderRefusedError
 from mailoutbox.interfaces import IMailer
 from mailoutbox.interfaces import ISendmailMailer
 from mailoutbox.interfaces import ISMTPMailer
@@ -285,8 +289,8 @@ def test_greylisting_is_transient(server, make_mailer):
 @pytest.mark.parametrize(
     ("reply", "kind"),
     [
-        ("553 5.7.1 Sender rejected", PermanentMailError),
-        ("451 4.3.0 Try again later", TransientMailError),
+        ("553 5.7.1 Sender rejected", PermanentSenderRefusedError),
+        ("451 4.3.0 Try again later", TransientSenderRefusedError),
     ],
 )
 def test_sender_refused(server, make_mailer, reply, kind):
@@ -306,8 +310,8 @@ def test_sender_refused(server, make_mailer, reply, kind):
 @pytest.mark.parametrize(
     ("reply", "kind"),
     [
-        ("554 5.6.0 Message rejected", PermanentMailError),
-        ("452 4.3.1 Insufficient storage", TransientMailError),
+        ("554 5.6.0 Message rejected", PermanentDataRefusedError),
+        ("452 4.3.1 Insufficient storage", TransientDataRefusedError),
     ],
 )
 def test_message_refused_at_end_of_data(server, make_mailer, reply, kind):
@@ -950,7 +954,7 @@ def test_sink_faults(smtp_sink, make_mailer, caplog, options, kind, code):
     with pytest.raises(MailError) as info:
         mailer.send(SENDER, TO, MESSAGE)
     error = info.value
-    assert type(error) is kind
+    assert isinstance(error, kind)
     assert error.code == code
     assert error.permanent is (
         code is not None and code >= 500 and not issubclass(kind, MailConnectionError)

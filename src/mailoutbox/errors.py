@@ -20,6 +20,17 @@ The transient errors::
                 MailTLSUnavailableError (RuntimeError)
             MailAuthenticationError
                 MailAuthenticationUnavailableError (RuntimeError)
+                MailAuthenticationRefusedError (smtplib.SMTPAuthenticationError)
+        TransientReplyError (smtplib.SMTPResponseException)
+        TransientSenderRefusedError (smtplib.SMTPSenderRefused)
+        TransientDataRefusedError (smtplib.SMTPDataError)
+
+The permanent errors::
+
+    PermanentMailError
+        PermanentReplyError (smtplib.SMTPResponseException)
+        PermanentSenderRefusedError (smtplib.SMTPSenderRefused)
+        PermanentDataRefusedError (smtplib.SMTPDataError)
 
 A :class:`MailConfigurationError` is a disagreement between the sender's
 settings and the server (TLS, authentication) that no retry cures by
@@ -29,9 +40,9 @@ or permanent depending on the replies.
 
 The built-in classes in parentheses are those zope.sendmail raised or let
 through in the same cases (its ``RuntimeError`` for "TLS not available", a
-username without ESMTP and a refused HELO; smtplib's
-:class:`~smtplib.SMTPRecipientsRefused`, which :class:`RecipientsRefused`
-also is): code that catches them keeps working.
+username without ESMTP and a refused HELO; smtplib's exceptions for a
+reply, among them :class:`~smtplib.SMTPRecipientsRefused`, which
+:class:`RecipientsRefused` also is): code that catches them keeps working.
 """
 from __future__ import annotations
 
@@ -45,6 +56,7 @@ from collections.abc import Mapping
 __all__ = [
     "TEMPORARY_EXIT_STATUSES",
     "MailAuthenticationError",
+    "MailAuthenticationRefusedError",
     "MailAuthenticationUnavailableError",
     "MailConfigurationError",
     "MailConnectionError",
@@ -54,9 +66,15 @@ __all__ = [
     "MailTLSError",
     "MailTLSUnavailableError",
     "MailTimeoutError",
+    "PermanentDataRefusedError",
     "PermanentMailError",
+    "PermanentReplyError",
+    "PermanentSenderRefusedError",
     "RecipientsRefused",
+    "TransientDataRefusedError",
     "TransientMailError",
+    "TransientReplyError",
+    "TransientSenderRefusedError",
     "classify",
     "is_permanent_code",
 ]
@@ -166,6 +184,77 @@ class MailAuthenticationUnavailableError(MailAuthenticationError, RuntimeError):
 
     Also a :class:`RuntimeError`, which zope.sendmail raises in this case.
     """
+
+
+class _SMTPReply:
+    """A mixin for errors that are also one of smtplib's exceptions for the
+    same reply, with its attributes (``smtp_code``, ``smtp_error`` as bytes,
+    ``sender``): zope.sendmail let smtplib's exceptions through, and sites
+    catch them (Plone catches :class:`smtplib.SMTPException`)."""
+
+    def __init__(self, message: str, code: int | None = None,
+                 text: str | None = None, refused: Refused | None = None,
+                 *, sender: str = "") -> None:
+        # smtplib's constructors take other arguments: set what they set.
+        Exception.__init__(self, message)
+        self.code = code
+        self.text = text
+        self.refused = dict(refused or {})
+        self.smtp_code = code
+        self.smtp_error = (text or "").encode("utf-8", "replace")
+        self.sender = sender
+
+
+class MailAuthenticationRefusedError(
+        _SMTPReply, MailAuthenticationError, smtplib.SMTPAuthenticationError):
+    """The server refused the credentials (or asked for them).
+
+    Also an :class:`smtplib.SMTPAuthenticationError`.
+    """
+
+
+class TransientReplyError(_SMTPReply, TransientMailError,
+                          smtplib.SMTPResponseException):
+    """A 4xx reply.  Also an :class:`smtplib.SMTPResponseException`."""
+
+
+class PermanentReplyError(_SMTPReply, PermanentMailError,
+                          smtplib.SMTPResponseException):
+    """A 5xx reply.  Also an :class:`smtplib.SMTPResponseException`."""
+
+
+class TransientSenderRefusedError(_SMTPReply, TransientMailError,
+                                  smtplib.SMTPSenderRefused):
+    """MAIL FROM got a 4xx reply.  Also an :class:`smtplib.SMTPSenderRefused`."""
+
+
+class PermanentSenderRefusedError(_SMTPReply, PermanentMailError,
+                                  smtplib.SMTPSenderRefused):
+    """MAIL FROM got a 5xx reply.  Also an :class:`smtplib.SMTPSenderRefused`."""
+
+
+class TransientDataRefusedError(_SMTPReply, TransientMailError,
+                                smtplib.SMTPDataError):
+    """DATA or the end of the data got a 4xx reply.  Also an
+    :class:`smtplib.SMTPDataError`."""
+
+
+class PermanentDataRefusedError(_SMTPReply, PermanentMailError,
+                                smtplib.SMTPDataError):
+    """DATA or the end of the data got a 5xx reply.  Also an
+    :class:`smtplib.SMTPDataError`."""
+
+
+#: The classes of the errors for a reply, by smtplib's class and whether
+#: the reply is permanent.
+_REPLY_CLASSES: dict[tuple[type, bool], type[MailError]] = {
+    (smtplib.SMTPResponseException, False): TransientReplyError,
+    (smtplib.SMTPResponseException, True): PermanentReplyError,
+    (smtplib.SMTPSenderRefused, False): TransientSenderRefusedError,
+    (smtplib.SMTPSenderRefused, True): PermanentSenderRefusedError,
+    (smtplib.SMTPDataError, False): TransientDataRefusedError,
+    (smtplib.SMTPDataError, True): PermanentDataRefusedError,
+}
 
 
 class RecipientsRefused(MailError, smtplib.SMTPRecipientsRefused):
@@ -306,7 +395,7 @@ def _configuration_error(
         what = f"{server} requires authentication; configure a username and password"
     else:
         return None
-    return MailAuthenticationError(what, code=code, text=text)
+    return MailAuthenticationRefusedError(what, code=code, text=text)
 
 
 def _reply_error(exc: smtplib.SMTPResponseException, server: str) -> MailError:
@@ -315,20 +404,22 @@ def _reply_error(exc: smtplib.SMTPResponseException, server: str) -> MailError:
     configuration = _configuration_error(code, text, server)
     if configuration is not None:
         return configuration
-    kind: type[MailError] = (
-        PermanentMailError if is_permanent_code(code) else TransientMailError
-    )
     what = _SMTP_WHAT.get(type(exc), "SMTP error").format(server=server)
     if isinstance(exc, smtplib.SMTPAuthenticationError):
-        kind = MailAuthenticationError
-    elif isinstance(exc, smtplib.SMTPHeloError):
+        return MailAuthenticationRefusedError(what, code=code, text=text)
+    if isinstance(exc, smtplib.SMTPHeloError):
         # A refused greeting or HELO says nothing about the message.
-        kind = MailHeloError
-    elif isinstance(exc, smtplib.SMTPConnectError):
-        kind = MailConnectionError
-    elif isinstance(exc, smtplib.SMTPSenderRefused):
-        what = f"sender <{_decode(exc.sender)}> refused"
-    return kind(what, code=code, text=text)
+        return MailHeloError(what, code=code, text=text)
+    if isinstance(exc, smtplib.SMTPConnectError):
+        return MailConnectionError(what, code=code, text=text)
+    permanent = is_permanent_code(code)
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        sender = _decode(exc.sender)
+        return _REPLY_CLASSES[smtplib.SMTPSenderRefused, permanent](
+            f"sender <{sender}> refused", code=code, text=text, sender=sender)
+    family = (smtplib.SMTPDataError if isinstance(exc, smtplib.SMTPDataError)
+              else smtplib.SMTPResponseException)
+    return _REPLY_CLASSES[family, permanent](what, code=code, text=text)
 
 
 def _refusals_error(exc: smtplib.SMTPRecipientsRefused, server: str) -> MailError:
