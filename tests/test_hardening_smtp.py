@@ -706,7 +706,9 @@ def test_a_subclass_setting_zope_sendmails_smtp_factory_is_refused():
     mailer = SMTPMailer()
     with pytest.raises(TypeError, match="connection_class"):
         mailer.smtp = smtplib.SMTP  # as zope.sendmail's tests do
-    assert not hasattr(mailer, "smtp")
+    # Read, it says which protocol the connections speak (MailHost checks).
+    assert mailer.smtp is smtplib.SMTP
+    assert SMTPMailer(implicit_tls=True).smtp is smtplib.SMTP_SSL
 
     class Modern(SMTPMailer):  # connection_class is the seam
         connection_class = SmallBuffers

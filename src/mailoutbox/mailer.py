@@ -129,11 +129,14 @@ class SMTPMailer:
             raise TypeError(f"{cls.__qualname__} sets {cls._NO_SMTP}")
 
     @property
-    def smtp(self) -> NoReturn:
-        """Not supported: zope.sendmail's seam for its SMTP factory.
-        Setting it, on a subclass or an instance, raises :class:`TypeError`;
-        :attr:`connection_class` is the seam of this mailer."""
-        raise AttributeError(self._NO_SMTP)
+    def smtp(self) -> type[smtplib.SMTP]:
+        """zope.sendmail's attribute, read-only: the protocol the
+        connections speak, :class:`smtplib.SMTP_SSL` with *implicit_tls*,
+        :class:`smtplib.SMTP` otherwise (Products.MailHost's tests read it).
+        It is not a seam here: setting it, on a subclass or an instance,
+        raises :class:`TypeError`; :attr:`connection_class` is the seam of
+        this mailer."""
+        return smtplib.SMTP_SSL if self.implicit_tls else smtplib.SMTP
 
     @smtp.setter
     def smtp(self, factory: object) -> None:
