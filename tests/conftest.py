@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+import transaction
+import zope.event
 
 from mailoutbox.testing.smtpd import SMTPServer
 
@@ -62,3 +64,20 @@ def smtp_sink(tmp_path):
     yield start
     for sink in sinks:
         sink.stop()
+
+
+@pytest.fixture
+def tm():
+    """A transaction manager of the test's own, aborted at the end."""
+    manager = transaction.TransactionManager()
+    yield manager
+    manager.abort()
+
+
+@pytest.fixture
+def events():
+    """The events notified during the test."""
+    received = []
+    zope.event.subscribers.append(received.append)
+    yield received
+    zope.event.subscribers.remove(received.append)

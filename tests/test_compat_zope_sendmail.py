@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import transaction
 import zope.event
 from zope.sendmail.delivery import QueuedMailDelivery as ZopeQueuedMailDelivery
@@ -27,13 +26,6 @@ RECIPIENTS = ['"Doe, Jane" <jane@example.org>', "Bob Smith <bob@example.org>",
 def message(n):
     return (b"From: shop@example.org\r\nTo: jane@example.org\r\n"
             b"Subject: order %d\r\n\r\nThanks!\r\n" % n)
-
-
-@pytest.fixture
-def tm():
-    manager = transaction.TransactionManager()
-    yield manager
-    manager.abort()
 
 
 def zope_drain(queue_path, server):

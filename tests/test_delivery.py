@@ -69,21 +69,6 @@ def open_fds(under):
     return found
 
 
-@pytest.fixture
-def tm():
-    manager = transaction.TransactionManager()
-    yield manager
-    manager.abort()
-
-
-@pytest.fixture
-def events():
-    received = []
-    zope.event.subscribers.append(received.append)
-    yield received
-    zope.event.subscribers.remove(received.append)
-
-
 @implementer(ISavepointDataManager)
 class Resource:
     """Another resource in the transaction, with hooks into its phases.

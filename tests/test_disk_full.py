@@ -18,7 +18,6 @@ import subprocess
 from collections import Counter
 
 import pytest
-import transaction
 import ZODB
 import ZODB.FileStorage
 from sqlalchemy import Column
@@ -81,13 +80,6 @@ def mount_tmpfs(tmp_path):
 
 def remount(path, mode):
     subprocess.run(["mount", "-o", f"remount,{mode}", path], check=True)
-
-
-@pytest.fixture
-def tm():
-    manager = transaction.TransactionManager()
-    yield manager
-    manager.abort()
 
 
 @pytest.fixture

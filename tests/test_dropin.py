@@ -106,21 +106,6 @@ def test_open_without_create_names_the_path(tmp_path):
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
 
 
-@pytest.fixture
-def tm():
-    manager = transaction.TransactionManager()
-    yield manager
-    manager.abort()
-
-
-@pytest.fixture
-def events():
-    received = []
-    zope.event.subscribers.append(received.append)
-    yield received
-    zope.event.subscribers.remove(received.append)
-
-
 class Mailer:
     """A mailer that records what it is asked to do."""
 

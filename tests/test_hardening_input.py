@@ -40,13 +40,6 @@ THIEF = "thief@example.net"
 SURROGATE_SUBJECT = os.fsdecode(b"report\xff\nBcc: " + THIEF.encode())
 
 
-@pytest.fixture
-def tm():
-    manager = transaction.TransactionManager()
-    yield manager
-    manager.abort()
-
-
 def queued(path):
     """(fromaddr, toaddrs, message) of each queued message."""
     found = []

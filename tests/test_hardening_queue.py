@@ -17,7 +17,6 @@ import sys
 import threading
 
 import pytest
-import zope.event
 
 from mailoutbox.maildir import Maildir
 from mailoutbox.mailer import SMTPMailer
@@ -28,14 +27,6 @@ from ._crash_helpers import queue_messages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
-
-
-@pytest.fixture
-def events():
-    received = []
-    zope.event.subscribers.append(received.append)
-    yield received
-    zope.event.subscribers.remove(received.append)
 
 
 def make_processor(path, port, **options):

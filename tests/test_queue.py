@@ -37,15 +37,6 @@ from ._drain_worker import make_mailer
 
 
 @pytest.fixture
-def events():
-    """The events notified during the test."""
-    received = []
-    zope.event.subscribers.append(received.append)
-    yield received
-    zope.event.subscribers.remove(received.append)
-
-
-@pytest.fixture
 def make_processor(queue_path):
     """Build processors for the queue; they are stopped after the test."""
     made = []

@@ -125,14 +125,6 @@ def make_processor(queue_path):
     assert worker_threads() == []
 
 
-@pytest.fixture
-def events():
-    received = []
-    zope.event.subscribers.append(received.append)
-    yield received
-    zope.event.subscribers.remove(received.append)
-
-
 # -- names on disk ----------------------------------------------------------------
 
 

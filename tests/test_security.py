@@ -29,7 +29,6 @@ import traceback
 
 import pytest
 import transaction
-import zope.event
 
 from mailoutbox.cli import EXIT_NOT_FOUND
 from mailoutbox.cli import EXIT_NOT_SENT
@@ -103,14 +102,6 @@ def processors():
     yield make
     for processor in made:
         processor.stop(timeout=10)
-
-
-@pytest.fixture
-def events():
-    received = []
-    zope.event.subscribers.append(received.append)
-    yield received
-    zope.event.subscribers.remove(received.append)
 
 
 # -- TLS verification -------------------------------------------------------------

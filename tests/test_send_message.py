@@ -41,13 +41,6 @@ RAW = (
 )
 
 
-@pytest.fixture
-def tm():
-    manager = transaction.TransactionManager()
-    yield manager
-    manager.abort()
-
-
 def queued(path):
     """(fromaddr, toaddrs, message) of each queued message, oldest first."""
     result = []

@@ -48,13 +48,6 @@ def message(n):
 
 
 @pytest.fixture
-def tm():
-    manager = transaction.TransactionManager()
-    yield manager
-    manager.abort()
-
-
-@pytest.fixture
 def db(tmp_path):
     database = ZODB.DB(ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs")))
     yield database
