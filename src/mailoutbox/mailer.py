@@ -35,6 +35,8 @@ from .errors import PermanentMailError
 from .errors import classify
 from .interfaces import ISendmailMailer
 from .interfaces import ISMTPMailer
+from .ratelimit import check_max_connections
+from .ratelimit import check_rate
 
 __all__ = ["SMTPMailer", "SendmailMailer"]
 
@@ -153,6 +155,8 @@ class SMTPMailer:
         ssl_context: ssl.SSLContext | None = None,
         ca_file: str | None = None,
         local_hostname: str | None = None,
+        rate: float | None = None,
+        max_connections: int | None = None,
     ) -> None:
         if no_tls and force_tls and not implicit_tls:
             raise ValueError("no_tls and force_tls cannot both be set")
@@ -166,6 +170,8 @@ class SMTPMailer:
         self.timeout = _timeout(timeout)
         self.ca_file = ca_file
         self.local_hostname = local_hostname
+        self.rate = rate
+        self.max_connections = max_connections
         self._ehlo_name = local_hostname  # looked up once, by the first connection
         self._ssl_context = ssl_context
         self._local = threading.local()
@@ -175,6 +181,26 @@ class SMTPMailer:
     def __repr__(self) -> str:
         user = f" user={self.username!r}" if self.username else ""
         return f"<{type(self).__name__} {self.hostname}:{self.port}{user}>"
+
+    @property
+    def rate(self) -> float | None:
+        """See :attr:`mailoutbox.interfaces.ISMTPMailer.rate`; setting it
+        checks the value (:class:`ValueError`, :class:`TypeError`)."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float | None) -> None:
+        self._rate = check_rate(value)
+
+    @property
+    def max_connections(self) -> int | None:
+        """See :attr:`mailoutbox.interfaces.ISMTPMailer.max_connections`;
+        setting it checks the value."""
+        return self._max_connections
+
+    @max_connections.setter
+    def max_connections(self, value: int | None) -> None:
+        self._max_connections = check_max_connections(value)
 
     @property
     def _server(self) -> str:

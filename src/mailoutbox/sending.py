@@ -42,6 +42,7 @@ from mailoutbox.retry import RetryPolicy
 from mailoutbox.retry import record_failure
 from mailoutbox.workers import DEFERRED
 from mailoutbox.workers import FAILED
+from mailoutbox.workers import PUT_BACK
 from mailoutbox.workers import SENT
 from mailoutbox.workers import SKIPPED
 from mailoutbox.workers import Pass
@@ -97,6 +98,8 @@ class MessageSender:
         maildir = job.maildir
         if not entry.regular:
             return self._reject_foreign(maildir, entry, job.now())
+        if not job.take_token():
+            return SKIPPED  # stopping while waiting for the relay's rate
         try:
             claim = maildir.claim(entry, self.lease)
         except PermissionError as exc:
@@ -114,7 +117,7 @@ class MessageSender:
         claim."""
         via = "" if job.relay is None else f" via relay {job.relay!r}"
         try:
-            outcome = self._read_and_send(claim, job.now, job.mailer, via)
+            outcome = self._read_and_send(claim, job.now, job.mailer, via, job)
         except BaseException:
             claim.release()  # nothing was sent: give the message back
             raise
@@ -136,7 +139,8 @@ class MessageSender:
         return SENT
 
     def _read_and_send(self, claim: Claim, clock: Callable[[], float],
-                       mailer: Any, via: str = "") -> str | tuple[_Queued, Any]:
+                       mailer: Any, via: str = "",
+                       job: Pass | None = None) -> str | tuple[_Queued, Any]:
         """Send the message, or end the claim if it cannot be sent (now).
 
         Returns the outcome, or ``(queued, refused)`` once sent.
@@ -159,10 +163,12 @@ class MessageSender:
         try:
             return queued, mailer.send(fromaddr, toaddrs, message)
         except Exception as exc:
-            return self._failed_attempt(claim, queued, exc, clock(), via, mailer)
+            return self._failed_attempt(claim, queued, exc, clock(), via, mailer,
+                                        job)
 
     def _failed_attempt(self, claim: Claim, queued: _Queued, exc: Exception,
-                        now: float, via: str = "", mailer: Any = None) -> str:
+                        now: float, via: str = "", mailer: Any = None,
+                        job: Pass | None = None) -> str:
         """Defer the message, or fail it if the error is permanent or the
         message has been retried long enough."""
         message_id = queued.message_id
@@ -171,6 +177,12 @@ class MessageSender:
         except Exception:
             self.log.exception("could not classify the error sending %s", message_id)
             error = errors.TransientMailError(f"unclassified error: {exc!r}")
+        if (isinstance(error, errors.MailThrottledError) and job is not None
+                and job.throttled(claim.entry)):
+            claim.release()  # not counted as an attempt: tried again soon
+            self.log.warning("%s throttled %s%s, trying it again later in this"
+                             " pass: %s", _server(mailer), message_id, via, error)
+            return PUT_BACK
         if (isinstance(error, errors.RecipientsRefused)
                 and len({_permanent(reply) for reply in error.refused.values()}) > 1):
             # Some refused for good, others for now: split the message.
