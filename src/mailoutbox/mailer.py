@@ -29,6 +29,7 @@ from ._smtp import envelope_address
 from .errors import MailAuthenticationError
 from .errors import MailAuthenticationUnavailableError
 from .errors import MailConnectionError
+from .errors import MailThrottledError
 from .errors import MailTLSError
 from .errors import MailTLSUnavailableError
 from .errors import PermanentMailError
@@ -437,10 +438,12 @@ class SMTPMailer:
     @staticmethod
     def _dropped_while_idle(connection: Connection, exc: Exception) -> bool:
         # Before the server said yes to anything in this exchange, and the
-        # connection was closed (not timed out) or the server said 421.
-        if connection.stage != "start":
+        # connection was closed (not timed out) or the server said 421 --
+        # not to throttle the client, which a new connection would defy.
+        if connection.stage != "start" or isinstance(
+            error := classify(exc), MailThrottledError
+        ):
             return False
-        error = classify(exc)
         return error.code == 421 or isinstance(error, MailConnectionError)
 
 

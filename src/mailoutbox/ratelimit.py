@@ -191,15 +191,23 @@ class RateLimiter:
             with self._lock:
                 now = self._clock()
                 self._update(now)
-                if self._current is None or self._tokens >= 1:
-                    if self._current is not None:
-                        self._tokens -= 1
+                if self._current is None or self._tokens > 1 - 1e-9:
+                    if self._current is not None:  # (rounding errors aside)
+                        self._tokens = max(0.0, self._tokens - 1)
                     self._recent.append(now)
                     self._local.acquired = now
                     return True
                 wait = (1 - self._tokens) / self._current
             stopping.wait(wait)
         return False
+
+    def _measured(self, now: float) -> float:
+        """The messages per second of the last :data:`WINDOW` seconds
+        (over at least a tenth of a second)."""
+        recent = [t for t in self._recent if t > now - WINDOW]
+        if not recent:
+            return 0.0
+        return len(recent) / max(now - recent[0], WINDOW / 10)
 
     def throttled(self) -> bool:
         """The relay throttled the message this thread last got a token
@@ -209,14 +217,14 @@ class RateLimiter:
         with self._lock:
             now = self._clock()
             self._update(now)
-            started = getattr(self._local, "acquired", -math.inf)
-            if started < self._lowered:
+            started = getattr(self._local, "acquired", None)
+            if started is not None and started <= self._lowered:
                 return True  # sent before the last slow-down
             floor = self.floor if self.ceiling is None else min(self.floor,
                                                                  self.ceiling)
             current = self._current
             if current is None:  # no limit yet: from the rate measured
-                current = sum(1 for t in self._recent if t > now - WINDOW) / WINDOW
+                current = self._measured(now)
                 self._peak = max(current, floor)
             elif current == self.ceiling:
                 self._peak = current
