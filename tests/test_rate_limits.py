@@ -551,10 +551,9 @@ def test_a_throttled_message_is_put_back_and_the_pass_goes_on_slower(
             processor.stop(timeout=30)
     finally:
         zope.event.subscribers.remove(events.append)
-    # The 3rd message was throttled twice, but the second time at a rate
-    # lowered since its first attempt: put back both times?  No: once per
-    # pass; the 4th MAIL was its second attempt, at the rate lowered for
-    # it, so the rate halved again and it was deferred.
+    # The 3rd message was put back when throttled (MAIL 3), and tried again
+    # at once at the lower rate (MAIL 4): throttled again in the same pass,
+    # it was deferred, its attempt counted once, and the rate halved again.
     assert (stats.sent, stats.deferred, stats.failed) == (7, 1, 0)
     assert sorted(server.message_ids()) == sorted(ids[:2] + ids[3:])
     assert limiter.rate == 25  # 100, halved twice

@@ -366,6 +366,11 @@ class QueueProcessorThread(MessageSender, threading.Thread):
     def _work(self, job: Pass) -> None:
         slot = job.join()
         while (entry := job.next_entry(slot)) is not None:
+            # The relay's rate, before the claim (and not timed: waiting
+            # for it says nothing about the relay's speed).
+            if not job.take_token():
+                job.record(SKIPPED)  # stopping
+                continue
             wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 outcome = self._process(job, entry)

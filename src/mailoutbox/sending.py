@@ -98,8 +98,6 @@ class MessageSender:
         maildir = job.maildir
         if not entry.regular:
             return self._reject_foreign(maildir, entry, job.now())
-        if not job.take_token():
-            return SKIPPED  # stopping while waiting for the relay's rate
         try:
             claim = maildir.claim(entry, self.lease)
         except PermissionError as exc:
