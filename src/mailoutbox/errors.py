@@ -15,6 +15,8 @@ The transient errors::
             MailConnectionRefusedError (ConnectionRefusedError)
             MailHeloError (RuntimeError)
         MailTimeoutError (TimeoutError)
+        MailThrottledError
+            RecipientsThrottled (RecipientsRefused)
         MailConfigurationError
             MailTLSError
                 MailTLSUnavailableError (RuntimeError)
@@ -35,8 +37,11 @@ The permanent errors::
 A :class:`MailConfigurationError` is a disagreement between the sender's
 settings and the server (TLS, authentication) that no retry cures by
 itself: the queue processor logs it as an error, and keeps the messages
-until it is fixed or they expire.  :class:`RecipientsRefused` is transient
-or permanent depending on the replies.
+until it is fixed or they expire.  A :class:`MailThrottledError` is a
+server asking the sender to slow down (see :func:`is_throttling`): the
+queue processor lowers the relay's rate (:mod:`mailoutbox.ratelimit`).
+:class:`RecipientsRefused` is transient or permanent depending on the
+replies.
 
 The built-in classes in parentheses are those zope.sendmail raised or let
 through in the same cases (its ``RuntimeError`` for "TLS not available", a
@@ -65,18 +70,21 @@ __all__ = [
     "MailHeloError",
     "MailTLSError",
     "MailTLSUnavailableError",
+    "MailThrottledError",
     "MailTimeoutError",
     "PermanentDataRefusedError",
     "PermanentMailError",
     "PermanentReplyError",
     "PermanentSenderRefusedError",
     "RecipientsRefused",
+    "RecipientsThrottled",
     "TransientDataRefusedError",
     "TransientMailError",
     "TransientReplyError",
     "TransientSenderRefusedError",
     "classify",
     "is_permanent_code",
+    "is_throttling",
 ]
 
 Refused = Mapping[str, tuple[int, str]]
@@ -142,6 +150,14 @@ class MailHeloError(MailConnectionError, RuntimeError):
 
 class MailTimeoutError(TransientMailError, TimeoutError):
     """The server did not answer in time."""
+
+
+class MailThrottledError(TransientMailError):
+    """The server asks the sender to slow down (a throttling reply, see
+    :func:`is_throttling`): too many messages or connections for now.
+
+    .. versionadded:: 0.1
+    """
 
 
 class MailConfigurationError(TransientMailError):
@@ -290,6 +306,14 @@ class RecipientsRefused(MailError, smtplib.SMTPRecipientsRefused):
         return str(self.args[0])
 
 
+class RecipientsThrottled(RecipientsRefused, MailThrottledError):
+    """Every recipient was refused with a throttling reply (such as
+    Postfix's "450 4.7.1 Error: too many recipients from ...").
+
+    .. versionadded:: 0.1
+    """
+
+
 def is_permanent_code(code: int) -> bool:
     """Whether an SMTP reply *code* is a permanent failure (5xx)."""
     return 500 <= code <= 599
@@ -341,6 +365,56 @@ _AUTH_STATUSES = frozenset({"7.8", "7.9", "7.57"})
 _TLS_STATUSES = frozenset({"7.10", "7.11"})
 _STATUS = re.compile(r"\s*[245]\.(\d{1,3}\.\d{1,3})\b")
 _MENTIONS_TLS = re.compile(r"STARTTLS|\bTLS\b|\bSSL\b|encrypt", re.IGNORECASE)
+
+
+# Throttling replies (see is_throttling), as providers and MTAs word them:
+# Amazon SES "454 Throttling failure: Maximum sending rate exceeded" and
+# "... Daily message quota exceeded"; Postfix's anvil "421 4.7.0 Error: too
+# many connections from ...", "450 4.7.1 Error: too much mail from ..." and
+# "... too many recipients from ..."; Gmail "421 4.7.0 Try again later,
+# closing connection"; Microsoft 365 "432 4.3.2 ... sender thread limit
+# exceeded" and "451 4.7.500 Server busy. Please try again later".
+_THROTTLING = re.compile(
+    r"rate[ -]?limit|throttl|slow(ing)? down|too much mail"
+    r"|too many (messages|mails?|e-?mails|connections|concurrent|sessions"
+    r"|requests|deliveries|transactions)"
+    r"|(sending|message|submission) (rate|quota)"
+    r"|(thread|connection|session|concurrency|sending|submission) limit",
+    re.IGNORECASE,
+)
+# Words that mean throttling in a policy reply (enhanced status 4.7.x) only:
+# elsewhere "try again later" is any temporary failure.
+_THROTTLING_IF_POLICY = re.compile(
+    r"too many|try (it )?(again )?later|retry later|come back later|busy",
+    re.IGNORECASE,
+)
+_GREYLISTING = re.compile(r"gr[ae]y[ -]?list", re.IGNORECASE)
+
+
+def is_throttling(code: int, text: str) -> bool:
+    """Whether the SMTP reply *code* *text* asks the sender to slow down.
+
+    It must be a 4xx reply that is not about greylisting, nor about one
+    mailbox or one message (enhanced status 4.2.x, such as a full mailbox,
+    or 4.5.x, such as "452 4.5.3 too many recipients" for one message);
+    and its text must say "rate limit", "throttl...", "slow down", "too
+    much mail", "too many messages" (or mails, connections, sessions,
+    requests...), "sending rate", "message quota", "thread limit" (or
+    connection, session, sending... limit), or, with an enhanced status of
+    4.7.x (a policy), "too many", "try again later", "retry later" or
+    "busy".  Case does not matter.
+
+    .. versionadded:: 0.1
+    """
+    if not 400 <= code <= 499 or _GREYLISTING.search(text):
+        return False
+    match = _STATUS.match(text)
+    status = match.group(1) if match else ""
+    if status.startswith(("2.", "5.")):
+        return False
+    return bool(_THROTTLING.search(text)) or (
+        status.startswith("7.") and bool(_THROTTLING_IF_POLICY.search(text))
+    )
 
 
 def _decode(text: bytes | str) -> str:
@@ -404,6 +478,8 @@ def _reply_error(exc: smtplib.SMTPResponseException, server: str) -> MailError:
     configuration = _configuration_error(code, text, server)
     if configuration is not None:
         return configuration
+    if is_throttling(code, text):
+        return MailThrottledError(f"throttled by {server}", code=code, text=text)
     what = _SMTP_WHAT.get(type(exc), "SMTP error").format(server=server)
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         return MailAuthenticationRefusedError(what, code=code, text=text)
@@ -431,6 +507,8 @@ def _refusals_error(exc: smtplib.SMTPRecipientsRefused, server: str) -> MailErro
     if errors and all(errors):
         # Every recipient refused because of TLS or authentication.
         return errors[0]  # type: ignore[return-value]
+    if refused and all(is_throttling(c, t) for c, t in refused.values()):
+        return RecipientsThrottled(refused)
     return RecipientsRefused(refused)
 
 
@@ -451,8 +529,10 @@ def classify(exc: BaseException, server: str | None = None) -> MailError:
     and a reply about the client's configuration (TLS required,
     authentication required or failed: 530, 534, 535, 538 and the matching
     enhanced status codes) is a transient :class:`MailTLSError` or
-    :class:`MailAuthenticationError`; connection problems and timeouts are
-    transient; the exit status of a
+    :class:`MailAuthenticationError`; a throttling reply
+    (:func:`is_throttling`) is a transient :class:`MailThrottledError`, and
+    every recipient refused with one a :class:`RecipientsThrottled`;
+    connection problems and timeouts are transient; the exit status of a
     sendmail-compatible program (:class:`subprocess.CalledProcessError`) is
     transient if it is in :data:`TEMPORARY_EXIT_STATUSES` or the program was
     killed by a signal, permanent otherwise; anything unexpected is transient

@@ -320,6 +320,32 @@ class ISMTPMailer(IMailer):
         required=False,
     )
 
+    rate = Float(
+        title="Rate",
+        description="The most messages per second that queue processors"
+        " send through this relay (a token bucket allowing a burst of a"
+        " tenth of a second's worth, at least one message), or None for no"
+        " limit (the processor's own rate applies, if it has one).  Each"
+        " processor keeps it on its own; direct deliveries ignore it.  A"
+        " positive, finite number (checked: ValueError).  A relay that"
+        " answers with a throttling reply is slowed down below it for a"
+        " while (see mailoutbox.ratelimit).\n\n.. versionadded:: 0.1",
+        required=False,
+        default=None,
+    )
+
+    max_connections = Int(
+        title="Maximum connections",
+        description="The most connections a queue processor opens to this"
+        " relay at once (it then uses no more worker threads for it than"
+        " that, whatever its concurrency), or None for the processor's own"
+        " limit.  A whole number of at least 1 (checked: ValueError)."
+        "\n\n.. versionadded:: 0.1",
+        required=False,
+        default=None,
+        min=1,
+    )
+
     ssl_context = Attribute(
         "The ssl.SSLContext used for STARTTLS and implicit TLS."
         "\n\n.. versionadded:: 0.1"

@@ -3,7 +3,8 @@
 A *lane* is one Maildir folder whose messages go through one mailer: the
 queue itself (the processor's default mailer) or one of its relay folders
 (:mod:`mailoutbox.relays`; the mailer of that name).  Each lane has its
-own worker threads (*concurrency* of them, each with its own connection to
+own worker threads (*concurrency* of them, or the relay's *max_connections*
+if fewer: see :mod:`mailoutbox.ratelimit`; each with its own connection to
 the lane's relay) and its own passes (:class:`~mailoutbox.workers.Pass`),
 so that a slow or unreachable relay never holds up the messages of the
 others:
@@ -42,6 +43,7 @@ from typing import Any
 
 from mailoutbox._commit import roll_forward
 from mailoutbox.maildir import Maildir
+from mailoutbox.ratelimit import relay_limits
 from mailoutbox.relays import relay_folders
 from mailoutbox.wakeup import WakeRequests
 from mailoutbox.workers import Heartbeat
@@ -176,20 +178,26 @@ class Lanes:
             processor.mailer_for(lane.name)
         if flush:  # every deferred message is due
             scan = dataclasses.replace(scan, retry_at={})
+        rate, connections = relay_limits(mailer, processor.rate,
+                                         processor.max_connections)
+        workers = min(processor.concurrency, connections or processor.concurrency)
         job = Pass(maildir, scan, clock, processor._stopping,
                    processor.max_messages_per_pass, on_progress,
-                   processor.concurrency, mailer=mailer, relay=lane.name,
+                   workers, mailer=mailer, relay=lane.name,
                    on_finished=self.wakeup.set,
-                   adaptive=processor.adaptive)
+                   adaptive=processor.adaptive,
+                   limiter=processor.rate_limits.limiter(mailer, rate, lane.name))
         lane.started = time.monotonic()
         if not job.total:
             job.finished.set()
             lane.job = job
             return
+        if lane.pool is not None and len(lane.pool.threads) != workers:
+            self._retire(lane)  # the relay's limits changed
         if lane.pool is None:
             if lane.name is not None:
                 self._make_room()
-            lane.pool = WorkerPool(processor.concurrency, processor._work,
+            lane.pool = WorkerPool(workers, processor._work,
                                    processor.name, lane.name)
         self.heartbeat.period = processor.lease / 3
         self.heartbeat.add(job)

@@ -29,12 +29,15 @@ from ._smtp import envelope_address
 from .errors import MailAuthenticationError
 from .errors import MailAuthenticationUnavailableError
 from .errors import MailConnectionError
+from .errors import MailThrottledError
 from .errors import MailTLSError
 from .errors import MailTLSUnavailableError
 from .errors import PermanentMailError
 from .errors import classify
 from .interfaces import ISendmailMailer
 from .interfaces import ISMTPMailer
+from .ratelimit import check_max_connections
+from .ratelimit import check_rate
 
 __all__ = ["SMTPMailer", "SendmailMailer"]
 
@@ -156,6 +159,8 @@ class SMTPMailer:
         ssl_context: ssl.SSLContext | None = None,
         ca_file: str | None = None,
         local_hostname: str | None = None,
+        rate: float | None = None,
+        max_connections: int | None = None,
     ) -> None:
         if no_tls and force_tls and not implicit_tls:
             raise ValueError("no_tls and force_tls cannot both be set")
@@ -169,6 +174,8 @@ class SMTPMailer:
         self.timeout = _timeout(timeout)
         self.ca_file = ca_file
         self.local_hostname = local_hostname
+        self.rate = rate
+        self.max_connections = max_connections
         self._ehlo_name = local_hostname  # looked up once, by the first connection
         self._ssl_context = ssl_context
         self._local = threading.local()
@@ -178,6 +185,26 @@ class SMTPMailer:
     def __repr__(self) -> str:
         user = f" user={self.username!r}" if self.username else ""
         return f"<{type(self).__name__} {self.hostname}:{self.port}{user}>"
+
+    @property
+    def rate(self) -> float | None:
+        """See :attr:`mailoutbox.interfaces.ISMTPMailer.rate`; setting it
+        checks the value (:class:`ValueError`, :class:`TypeError`)."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float | None) -> None:
+        self._rate = check_rate(value)
+
+    @property
+    def max_connections(self) -> int | None:
+        """See :attr:`mailoutbox.interfaces.ISMTPMailer.max_connections`;
+        setting it checks the value."""
+        return self._max_connections
+
+    @max_connections.setter
+    def max_connections(self, value: int | None) -> None:
+        self._max_connections = check_max_connections(value)
 
     @property
     def _server(self) -> str:
@@ -414,10 +441,12 @@ class SMTPMailer:
     @staticmethod
     def _dropped_while_idle(connection: Connection, exc: Exception) -> bool:
         # Before the server said yes to anything in this exchange, and the
-        # connection was closed (not timed out) or the server said 421.
-        if connection.stage != "start":
+        # connection was closed (not timed out) or the server said 421 --
+        # not to throttle the client, which a new connection would defy.
+        if connection.stage != "start" or isinstance(
+            error := classify(exc), MailThrottledError
+        ):
             return False
-        error = classify(exc)
         return error.code == 421 or isinstance(error, MailConnectionError)
 
 

@@ -50,6 +50,9 @@ from mailoutbox.lanes import Lanes
 from mailoutbox.maildir import DEFAULT_LEASE
 from mailoutbox.maildir import Maildir
 from mailoutbox.metrics import Metrics
+from mailoutbox.ratelimit import RateLimits
+from mailoutbox.ratelimit import check_max_connections
+from mailoutbox.ratelimit import check_rate
 from mailoutbox.relays import check_names
 from mailoutbox.retry import RetryPolicy
 from mailoutbox.sending import MessageSender
@@ -114,9 +117,17 @@ class QueueProcessorThread(MessageSender, threading.Thread):
     :meth:`setMailers`); at most *max_relays* relay folders are served at
     the same time, each by *concurrency* worker threads.
 
+    *rate* (messages per second) and *max_connections* limit each relay
+    whose mailer sets no ``rate`` or ``max_connections`` of its own (see
+    :mod:`mailoutbox.ratelimit`); ``None``, the default, is no limit.
+
     *interval* and *lease* must be finite and > 0, *concurrency* a whole
-    number from 1 to :data:`MAX_CONCURRENCY`: anything else raises
+    number from 1 to :data:`MAX_CONCURRENCY`, *rate* finite and > 0,
+    *max_connections* a whole number >= 1: anything else raises
     :class:`ValueError` (:class:`TypeError` if not a number).
+
+    .. versionadded:: 0.1
+       The *rate* and *max_connections* arguments.
     """
 
     log = log
@@ -132,7 +143,9 @@ class QueueProcessorThread(MessageSender, threading.Thread):
                  retry: RetryPolicy | None = None, lease: float = DEFAULT_LEASE,
                  max_messages_per_pass: int | None = None,
                  mailers: Mapping[str, Any] | None = None,
-                 max_relays: int = 8, adaptive: bool = True) -> None:
+                 max_relays: int = 8, adaptive: bool = True,
+                 rate: float | None = None,
+                 max_connections: int | None = None) -> None:
         super().__init__(name="mailoutbox.queue.QueueProcessorThread", daemon=True)
         if not (isinstance(concurrency, int) and not isinstance(concurrency, bool)
                 and 1 <= concurrency <= MAX_CONCURRENCY):
@@ -148,6 +161,12 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         self.interval = interval
         self.concurrency = concurrency
         self.adaptive = adaptive
+        #: Messages per second, and connections, per relay whose mailer
+        #: has no limit of its own (None: no limit).
+        self.rate = check_rate(rate)
+        self.max_connections = check_max_connections(max_connections)
+        #: The rate limiters of the relays.
+        self.rate_limits = RateLimits()
         self.retry = RetryPolicy() if retry is None else retry
         self.lease = lease
         self.max_messages_per_pass = max_messages_per_pass
@@ -335,6 +354,7 @@ class QueueProcessorThread(MessageSender, threading.Thread):
             self._stopping.set()
         self._lanes = Lanes(self)
         self.metrics._after_fork_in_child()
+        self.rate_limits = RateLimits()  # its locks may be held
         atexit.unregister(self.stop)
 
     def _check_configured(self) -> Maildir:
@@ -378,6 +398,11 @@ class QueueProcessorThread(MessageSender, threading.Thread):
     def _work(self, job: Pass) -> None:
         slot = job.join()
         while (entry := job.next_entry(slot)) is not None:
+            # The relay's rate, before the claim (and not timed: waiting
+            # for it says nothing about the relay's speed).
+            if not job.take_token():
+                job.record(SKIPPED)  # stopping
+                continue
             wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 outcome = self._process(job, entry)

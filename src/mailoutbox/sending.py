@@ -45,6 +45,7 @@ from mailoutbox.retry import RetryPolicy
 from mailoutbox.retry import record_failure
 from mailoutbox.workers import DEFERRED
 from mailoutbox.workers import FAILED
+from mailoutbox.workers import PUT_BACK
 from mailoutbox.workers import SENT
 from mailoutbox.workers import SKIPPED
 from mailoutbox.workers import Pass
@@ -120,7 +121,7 @@ class MessageSender:
         via = "" if job.relay is None else f" via relay {job.relay!r}"
         try:
             outcome = self._read_and_send(claim, job.now, job.mailer, via,
-                                          job.deferrals, relay=job.relay)
+                                          job.deferrals, relay=job.relay, job=job)
         except BaseException:
             claim.release()  # nothing was sent: give the message back
             raise
@@ -144,7 +145,8 @@ class MessageSender:
 
     def _read_and_send(self, claim: Claim, clock: Callable[[], float],
                        mailer: Any, via: str, deferrals: Deferrals, *,
-                       relay: str | None = None) -> str | tuple[_Queued, Any]:
+                       relay: str | None = None,
+                       job: Pass | None = None) -> str | tuple[_Queued, Any]:
         """Send the message, or end the claim if it cannot be sent (now).
 
         Returns the outcome, or ``(queued, refused)`` once sent.
@@ -170,13 +172,13 @@ class MessageSender:
         except Exception as exc:
             self.metrics.sent_in(relay, time.perf_counter() - started)
             return self._failed_attempt(claim, queued, exc, clock(), via, mailer,
-                                        deferrals)
+                                        deferrals, job)
         self.metrics.sent_in(relay, time.perf_counter() - started)
         return queued, refused
 
     def _failed_attempt(self, claim: Claim, queued: _Queued, exc: Exception,
                         now: float, via: str, mailer: Any,
-                        deferrals: Deferrals) -> str:
+                        deferrals: Deferrals, job: Pass | None = None) -> str:
         """Defer the message, or fail it if the error is permanent or the
         message has been retried long enough.
 
@@ -189,6 +191,12 @@ class MessageSender:
         except Exception:
             self.log.exception("could not classify the error sending %s", message_id)
             error = errors.TransientMailError(f"unclassified error: {exc!r}")
+        if (isinstance(error, errors.MailThrottledError) and job is not None
+                and job.throttled(claim.entry)):
+            claim.release()  # not counted as an attempt: tried again soon
+            self.log.warning("%s throttled %s%s, trying it again later in this"
+                             " pass: %s", _server(mailer), message_id, via, error)
+            return PUT_BACK
         if (isinstance(error, errors.RecipientsRefused)
                 and len({_permanent(reply) for reply in error.refused.values()}) > 1):
             # Some refused for good, others for now: split the message.

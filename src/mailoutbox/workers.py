@@ -18,6 +18,7 @@ import math
 import queue
 import statistics
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
@@ -30,7 +31,8 @@ from mailoutbox.maildir import Maildir
 from mailoutbox.maildir import Scan
 
 __all__ = [
-    "DEFERRED", "FAILED", "SENT", "SKIPPED", "Heartbeat", "Pass", "Stats",
+    "DEFERRED", "FAILED", "PUT_BACK", "SENT", "SKIPPED", "Heartbeat", "Pass",
+    "Stats",
     "WorkerPool", "WorkerStartError", "close_connection",
 ]
 
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: The outcomes of a message in a pass (names of :class:`Stats` counters).
 SENT, DEFERRED, FAILED, SKIPPED = "sent", "deferred", "failed", "skipped"
+#: Not an outcome: the relay throttled the message, which is tried again
+#: later in the pass (see :meth:`Pass.throttled`).
+PUT_BACK = "put back"
 
 #: Sends timed, one worker at a time, before a pass decides how many
 #: workers to use (see :meth:`Pass.observe`).
@@ -105,8 +110,12 @@ class Pass:
                  on_progress: ProgressCallback | None, workers: int, *,
                  mailer: Any = None, relay: str | None = None,
                  on_finished: Callable[[], None] | None = None,
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = False, limiter: Any = None) -> None:
         self.maildir = maildir
+        #: The relay's :class:`~mailoutbox.ratelimit.RateLimiter` (or None).
+        self.limiter = limiter
+        self._again: deque[Entry] = deque()  # put back, to try again
+        self._put_back: set[str] = set()
         #: The mailer that sends the messages of this pass.
         self.mailer = mailer
         #: The name of the relay folder listed (None: the queue itself).
@@ -181,6 +190,8 @@ class Pass:
             return entry
 
     def _next_locked(self) -> Entry | None:
+        if self._again and not self._stopping.is_set():
+            return self._again.popleft()
         while self._index < self.total and not self._stopping.is_set():
             if self._limit is not None and self._handed_out >= self._limit:
                 self.stats.limited = True
@@ -196,8 +207,31 @@ class Pass:
         return None
 
     def record(self, outcome: str) -> None:
+        if outcome == PUT_BACK:
+            return  # counted when it is tried again
         with self._lock:
             self._record(outcome)
+
+    def take_token(self) -> bool:
+        """Wait until the relay's rate allows one more message (before it
+        is claimed); False if the processor is stopping meanwhile."""
+        return self.limiter is None or self.limiter.acquire(self._stopping)
+
+    def throttled(self, entry: Entry) -> bool:
+        """The relay throttled the message of *entry*: slow the relay down
+        (:meth:`~mailoutbox.ratelimit.RateLimiter.throttled`).  True if the
+        message is put back, to be tried again later in this pass at the
+        lower rate (once per pass); False if it is to be deferred as after
+        any transient failure."""
+        if self.limiter is None:
+            return False
+        again = self.limiter.throttled()
+        with self._lock:
+            if not again or entry.name in self._put_back:
+                return False
+            self._put_back.add(entry.name)
+            self._again.append(entry)
+            return True
 
     def _record(self, outcome: str) -> None:
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)

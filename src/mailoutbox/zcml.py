@@ -127,6 +127,15 @@ class ISMTPMailerDirective(IMailerDirective):
     no_tls = Bool(title="Never use TLS", default=False, required=False)
     force_tls = Bool(title="Require STARTTLS", default=False, required=False)
     ca_file = Path(title="PEM file of trusted authorities", required=False)
+    rate = Float(
+        title="Most messages per second sent through it by queue processors",
+        required=False,
+    )
+    max_connections = Int(
+        title="Most connections a queue processor opens to it at once",
+        min=1,
+        required=False,
+    )
 
 
 class IDeliveryDirective(Interface):
@@ -274,9 +283,21 @@ def smtpMailer(
     no_tls: bool = False,
     force_tls: bool = False,
     ca_file: str | None = None,
+    rate: float | None = None,
+    max_connections: int | None = None,
 ) -> None:
     """Handler of ``mail:smtpMailer``; see :class:`ISMTPMailerDirective`."""
     _check_seconds(f"mail:smtpMailer {name!r}", timeout=timeout)
+    limits: dict[str, Any] = {}
+    if rate is not None:
+        if not (math.isfinite(rate) and rate > 0):
+            raise ConfigurationError(
+                f"mail:smtpMailer {name!r} rate: must be a positive number of"
+                f" messages per second, not {rate!r}"
+            )
+        limits["rate"] = rate
+    if max_connections is not None:
+        limits["max_connections"] = max_connections
     try:
         mailer = mailer_factory(
             hostname,
@@ -288,6 +309,7 @@ def smtpMailer(
             implicit_tls=implicit_tls,
             timeout=timeout,
             ca_file=ca_file,
+            **limits,
         )
         if ca_file is not None:
             mailer.ssl_context  # noqa: B018 - loads and checks ca_file now

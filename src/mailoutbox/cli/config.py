@@ -40,6 +40,7 @@ __all__ = [
     "factor",
     "port",
     "positive_int",
+    "rate",
     "read_config",
     "resolve",
 ]
@@ -63,6 +64,8 @@ class RelaySettings:
     implicit_tls: bool = False
     ca_file: str | None = None
     timeout: float = 10.0
+    rate: float | None = None  # messages per second; None: no limit
+    max_connections: int | None = None
 
     @property
     def smtp_port(self) -> int:
@@ -143,6 +146,22 @@ def factor(text: str) -> float:
     return value
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([smh]))?\s*$", re.I)
+
+
+def rate(text: str) -> float:
+    """Messages per second: a number above 0, or a number per second,
+    minute or hour (``14``, ``14/s``, ``30/m``, ``500/h``)."""
+    match = _RATE.match(str(text))
+    if not match or not 0 < float(match.group(1)) < 1e12:
+        raise argparse.ArgumentTypeError(
+            f"invalid rate {text!r}: use a number of messages per second"
+            " above 0, or a number per second, minute or hour (e.g. 14,"
+            " 0.5, 30/m, 500/h)"
+        )
+    return float(match.group(1)) / _UNITS[(match.group(2) or "s").lower()]
+
+
 _BOOLEANS = configparser.ConfigParser.BOOLEAN_STATES
 
 
@@ -180,6 +199,8 @@ _MAILOUTBOX_TYPES: dict[str, Callable[[str], Any]] = {
     "password_env": _text,
     "password_file": _text,
     "concurrency": positive_int,
+    "rate": rate,
+    "max_connections": positive_int,
     "lease": duration,
     "retry_initial": duration,
     "retry_factor": factor,
@@ -189,7 +210,8 @@ _MAILOUTBOX_TYPES: dict[str, Callable[[str], Any]] = {
 
 _RELAY_KEYS = (
     "hostname", "port", "username", "password", "password_env", "password_file",
-    "force_tls", "no_tls", "implicit_tls", "ca_file", "timeout",
+    "force_tls", "no_tls", "implicit_tls", "ca_file", "timeout", "rate",
+    "max_connections",
 )
 _RELAY_TYPES = {key: _MAILOUTBOX_TYPES[key] for key in _RELAY_KEYS}
 

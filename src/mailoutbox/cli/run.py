@@ -36,6 +36,7 @@ from mailoutbox.cli.config import duration
 from mailoutbox.cli.config import factor
 from mailoutbox.cli.config import port
 from mailoutbox.cli.config import positive_int
+from mailoutbox.cli.config import rate
 from mailoutbox.cli.config import resolve
 from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import EXIT_ERROR
@@ -149,6 +150,19 @@ def add_parser(commands: Any) -> None:
         f" (default: {DEFAULT_CONCURRENCY})",
     )
     queue.add_argument(
+        "--rate", metavar="N", type=rate,
+        help="send at most N messages per second through the SMTP server"
+        " (or N/m, N/h: per minute, per hour); it is slowed down further"
+        " while it answers that the sender is too fast (default: no limit;"
+        " a relay's section has a rate of its own)",
+    )
+    queue.add_argument(
+        "--max-connections", metavar="N", type=positive_int,
+        help="open at most N connections to the SMTP server at once"
+        " (default: --concurrency; a relay's section has a limit of its"
+        " own)",
+    )
+    queue.add_argument(
         "--lease", metavar="SECONDS", type=duration,
         help="how long a claim on a message lasts without being renewed;"
         " a processor that dies loses its claims after it (default: 30)",
@@ -244,6 +258,8 @@ def make_mailer(settings: Settings | RelaySettings) -> Any:
         implicit_tls=settings.implicit_tls,
         timeout=settings.timeout,
         ca_file=settings.ca_file,
+        rate=settings.rate,
+        max_connections=settings.max_connections,
     )
 
 
