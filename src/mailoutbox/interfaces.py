@@ -188,6 +188,47 @@ class IMailQueueProcessor(Interface):
         " there is none.\n\n.. versionadded:: 0.1"
     )
 
+    metrics = Attribute(
+        "The processor's numbers (a mailoutbox.metrics.Metrics): messages by"
+        " state, sent/deferred/failed counters, send and time-in-queue"
+        " histograms, health; see mailoutbox.metrics.register() to expose"
+        " them to Prometheus.\n\n.. versionadded:: 0.1"
+    )
+
+    rate = Attribute(
+        "The rate limit, in messages per second, of the relays whose mailer"
+        " sets none (None: unlimited).\n\n.. versionadded:: 0.1"
+    )
+
+    max_connections = Attribute(
+        "The largest number of connections to each relay whose mailer sets"
+        " none (None: the concurrency).\n\n.. versionadded:: 0.1"
+    )
+
+    def process_queue(now=None, on_progress=None, *, flush=False):
+        """Make one pass over the queue and its relay folders and return
+        what it did (a mailoutbox.workers.Stats).  With *flush*, every
+        deferred message is due, whatever the time of its next attempt.
+
+        .. versionadded:: 0.1
+        """
+
+    def wake(relays=None):
+        """Start a pass of the queue (or of the relay folders named in
+        *relays*) now, instead of at the next interval; callable from any
+        thread.  Committed messages wake the processors of their queue by
+        themselves.
+
+        .. versionadded:: 0.1
+        """
+
+    def stop(timeout=None):
+        """Stop after the messages in flight; raise TimeoutError if that
+        takes longer than *timeout* seconds.
+
+        .. versionadded:: 0.1
+        """
+
 
 class IMailer(Interface):
     """Sends a message synchronously."""
