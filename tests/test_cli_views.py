@@ -31,6 +31,7 @@ from .test_cli import add_message
 from .test_cli import cli
 from .test_cli import python_m
 from .test_cli import write_ini
+from .test_cli_run import Clock
 from .test_cli_run import catches
 from .test_cli_run import closed_port
 from .test_cli_run import fill
@@ -319,14 +320,6 @@ def test_an_error_in_the_daemons_flush_is_raised(queue_path, monkeypatch):
 
 
 # -- the progress bar --------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_the_progress_bar_shows_the_rate_and_the_time_left():
