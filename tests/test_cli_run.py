@@ -52,7 +52,7 @@ def status(path: str) -> dict:
     return json.loads(cli("status", path, "--json").out)
 
 
-def wait_for(condition, timeout: float = 10.0) -> bool:
+def wait_for(condition, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():

@@ -36,15 +36,7 @@ from .smtpsink import free_port
 from .test_cli import add_message
 from .test_cli import cli
 from .test_cli import write_ini
-
-
-def wait_for(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+from .test_cli_run import wait_for
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
