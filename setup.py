@@ -29,6 +29,7 @@ TESTS_REQUIRE = [
     "WebTest",
     "ruff",
     "prometheus_client >= 0.17",
+    "psycopg[binary] >= 3.1",
 ]
 
 setup(
@@ -75,6 +76,7 @@ setup(
         ],
         "server": ["aiosmtpd >= 1.4"],
         "metrics": ["prometheus_client >= 0.17"],
+        "postgresql": ["psycopg[binary] >= 3.1"],
     },
     entry_points={
         "console_scripts": [

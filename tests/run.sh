@@ -18,6 +18,18 @@ if ! [ -x /usr/sbin/smtp-sink ] && ! command -v smtp-sink >/dev/null 2>&1; then
     fi
 fi
 
+# PostgreSQL's server, which the tests of the PostgreSQL queue start in a
+# temporary folder of their own.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+        && ! command -v initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "PostgreSQL not found and not root: its tests will be skipped" >&2
+    fi
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test,docs]'

@@ -79,6 +79,10 @@ class _Message:
     data: bytes
     envelope: bytes = b""  # the queue file's envelope lines
     relay: str | None = None  # the name of the mailer; None: the default
+    #: Not to be sent before this time (seconds since the epoch); None: now.
+    not_before: float | None = None
+    #: Higher goes first (see :mod:`mailoutbox.schedule`); 0: normal.
+    priority: int = 0
 
 
 @implementer(IDataManagerSavepoint)

@@ -44,6 +44,9 @@ __all__ = [
     "IMaildirFactory",
     "IMaildirMessageWriter",
     "IMailer",
+    "IQueueClaim",
+    "IQueueEntry",
+    "IQueueStore",
     "IQueuedMailDelivery",
     "ISMTPMailer",
     "ISendmailMailer",
@@ -588,3 +591,188 @@ class IMaildirMessageWriter(Interface):
     def abort():
         """Close and remove the file from ``tmp/``.  Calling it again, or
         after ``commit()``, does nothing."""
+
+
+class IQueueEntry(Interface):
+    """One message of a queue store, as a listing found it.
+
+    Entries are values: two listings give equal entries for the same
+    message in the same place.
+
+    .. versionadded:: 0.1
+    """
+
+    name = TextLine(
+        title="Name",
+        description="The message's id in its store, opaque to callers: a"
+        " file name in a Maildir queue, a row id in a PostgreSQL queue.  It"
+        " is what ``mailoutbox list`` shows and ``show``, ``retry`` and"
+        " ``purge`` accept.",
+    )
+
+    folder = TextLine(
+        title="Area",
+        description="Where the message is: the store's queue area, or its"
+        " failed area (compare with the store's ``failed``).",
+    )
+
+    regular = Bool(
+        title="Regular",
+        description="False for what cannot be a message (a directory or a"
+        " symbolic link in a Maildir): the processor moves it to the failed"
+        " area unclaimed.",
+    )
+
+
+class IQueueClaim(Interface):
+    """A processor's exclusive hold on one queued message.
+
+    Exactly one of :meth:`complete`, :meth:`defer`, :meth:`fail` or
+    :meth:`release` ends it.  The hold lasts the lease given to
+    :meth:`IQueueStore.claim`; :meth:`renew` extends it.  A processor that
+    dies loses its claims when their lease runs out.
+
+    .. versionadded:: 0.1
+    """
+
+    entry = Attribute("The IQueueEntry claimed.")
+
+    def read():
+        """The message as a queue file (bytes): the envelope lines
+        (``X-Actually-From``/``X-Actually-To``, see
+        :func:`mailoutbox.envelope.format_envelope`) then the message."""
+
+    def renew():
+        """Extend the lease from now.  Never waits on the network for
+        long; a claim already gone is ignored."""
+
+    def retry_state():
+        """The message's retry state (a dict, see
+        :func:`mailoutbox.retry.record_failure`), or None if it was never
+        deferred."""
+
+    def release():
+        """Give the message back untouched (due again at once)."""
+
+    def complete():
+        """The message was sent: remove it and its state."""
+
+    def defer(retry_at, state):
+        """Keep the message queued until *retry_at* (seconds since the
+        epoch), with the retry *state* (a JSON-able dict)."""
+
+    def rewrite(data):
+        """Replace the message (a queue file, as :meth:`read` returns) with
+        *data*, atomically and durably; used to drop the recipients that
+        already have it."""
+
+    def split_failed(data, reason):
+        """Put *data* (a queue file for some of the recipients) in the
+        failed area with *reason* (a JSON-able dict); the claimed message
+        stays queued.  Returns the new IQueueEntry."""
+
+    def fail(reason):
+        """Move the message to the failed area with *reason* (a JSON-able
+        dict); return its IQueueEntry there."""
+
+
+class IQueueStore(Interface):
+    """Where queued messages wait: one queue (a *lane*, drained through
+    one mailer) and, through :meth:`relay`, the lanes of its relays.
+
+    The deliveries, the processor and the ``mailoutbox`` commands use a
+    queue through this contract only; :mod:`mailoutbox.stores` opens the
+    right store for a path (:class:`~mailoutbox.maildir.Maildir`) or a
+    ``postgresql://`` URL (:mod:`mailoutbox.postgresql`).
+
+    .. versionadded:: 0.1
+    """
+
+    path = TextLine(
+        title="Path",
+        description="The queue's path or URL, as given (a URL without its"
+        " password); used in messages for people.",
+    )
+
+    key = TextLine(
+        title="Key",
+        description="Equal for every store object of the same queue in"
+        " this process (a real path, a normalised URL): a commit wakes the"
+        " processors serving the key.",
+    )
+
+    failed = TextLine(
+        title="Failed area",
+        description="The ``folder`` of the entries in the failed area.",
+    )
+
+    def scan():
+        """List the lane once: a :class:`mailoutbox.maildir.Scan` whose
+        ``entries`` are the queued messages (due or deferred), in the order
+        they should be sent, ``retry_at`` maps the names of deferred ones to
+        their next attempt and ``claimed`` holds the names being sent."""
+
+    def claim(entry, lease):
+        """Claim *entry* for sending for *lease* seconds: an
+        :class:`IQueueClaim`, or None if it is gone or claimed by a live
+        processor (a claim whose lease ran out is broken first).
+
+        A store drained by many processors at once may claim another due
+        message of the lane instead of *entry* when *entry* is taken (the
+        claim's ``entry`` says which), so that processors listing the same
+        lane do not contend for the same messages.  PermissionError means
+        the entry may not be claimed by this process."""
+
+    def recover():
+        """Finish what a crash cut short before a listing (e.g. roll
+        committed transactions forward); return how many messages it
+        handled."""
+
+    def cleanup(scan, lease, now=None):
+        """Tidy up after crashes, given the *scan* just made; return how
+        many things were handled."""
+
+    def relays():
+        """The names of the relays (mailer names) that have a lane in this
+        queue."""
+
+    def relay(name, create=False):
+        """The store of the lane of the relay *name*; ValueError if it is
+        not usable (or missing, without *create*)."""
+
+    def failed_entries():
+        """The entries of the failed area, oldest first."""
+
+    def find(name):
+        """The queued or failed entry called *name*, or None."""
+
+    def read(entry, size=-1):
+        """The first *size* bytes (all with -1) of the queue file of
+        *entry*; OSError (FileNotFoundError if gone) when it cannot be
+        read."""
+
+    def queued_at(entry):
+        """When *entry* was queued (seconds since the epoch)."""
+
+    def reason(entry):
+        """Why the failed *entry* failed (a dict), or None."""
+
+    def retry_state(entry):
+        """The retry state of *entry* (a dict), or None."""
+
+    def move_to_failed(entry, reason):
+        """Move an unclaimed *entry* (one that cannot be sent) to the
+        failed area with *reason*; return the new entry."""
+
+    def requeue(entry):
+        """Make a failed or deferred *entry* due now; return its entry."""
+
+    def purge(entry):
+        """Delete *entry* for good (never one that is being sent by a live
+        processor: the caller checks the listing first)."""
+
+    def watcher(on_wake, name):
+        """An object with ``start() -> bool``, ``covers(relay) -> bool``,
+        ``stop()`` and ``close()`` that calls ``on_wake(relays)`` from a
+        thread of its own when messages are committed by other processes
+        (inotify, LISTEN/NOTIFY), or None if the store cannot watch."""
