@@ -79,6 +79,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """Build the parser of the ``mailoutbox`` command and its subcommands."""
     from mailoutbox.cli import demo
+    from mailoutbox.cli import recover
     from mailoutbox.cli import repair
     from mailoutbox.cli import run
     from mailoutbox.cli import send
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     repair.add_parsers(commands)
     send.add_parser(commands)
     demo.add_parser(commands)
+    recover.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,443 @@
+"""QueuedMailDelivery into a real PostgreSQL queue table: the application's
+own transaction (zope.sqlalchemy, SQLAlchemy, psycopg), a connection of its
+own with two-phase commit or as the last resource, and the recovery of
+prepared transactions that a crash left."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+
+from mailoutbox.cli import main as cli_main  # noqa: E402
+from mailoutbox.cli.console import Console  # noqa: E402
+from mailoutbox.cli.recover import main as recover_main  # noqa: E402
+from mailoutbox.delivery import QueuedMailDelivery  # noqa: E402
+from mailoutbox.postgresql import recovery  # noqa: E402
+from mailoutbox.postgresql import schema  # noqa: E402
+from mailoutbox.postgresql.datamanager import PostgreSQLDataManager  # noqa: E402
+from mailoutbox.postgresql.datamanager import gid_prefix  # noqa: E402
+from mailoutbox.postgresql.url import display  # noqa: E402
+from mailoutbox.postgresql.url import parse  # noqa: E402
+from mailoutbox.testing.postgresql import PostgreSQLServer  # noqa: E402
+from mailoutbox.testing.postgresql import find_bindir  # noqa: E402
+
+pytestmark = pytest.mark.skipif(find_bindir() is None,
+                                reason="PostgreSQL is not installed")
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+MESSAGE = b"From: shop@example.org\r\nSubject: order\r\n\r\nThanks!\r\n"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with PostgreSQLServer({"max_prepared_transactions": 10}, fsync=False) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def server_1pc():
+    """A server that allows no prepared transactions."""
+    with PostgreSQLServer({"max_prepared_transactions": 0}, fsync=False) as srv:
+        yield srv
+
+
+def _table_url(srv):
+    table = "q_" + uuid.uuid4().hex[:12]
+    url = f"{srv.url}?table={table}"
+    with psycopg.connect(srv.url) as conn:
+        schema.init(conn, table)
+    return url
+
+
+@pytest.fixture
+def url(server):
+    return _table_url(server)
+
+
+@pytest.fixture
+def url_1pc(server_1pc):
+    return _table_url(server_1pc)
+
+
+def with_id(message_id):
+    return f"Message-Id: <{message_id}>\r\n".encode() + MESSAGE
+
+
+def rows(url, columns="message_id, relay, fromaddr, toaddrs, message, state,"
+         " priority, not_before, next_attempt = '-infinity'"):
+    conninfo, table, _options = parse(url)
+    with psycopg.connect(conninfo) as conn:
+        query = f"SELECT {columns} FROM {table} ORDER BY id"  # noqa: S608 - ours
+        return conn.execute(query).fetchall()
+
+
+def prepared(url):
+    return [o.gid for o in recovery.orphans(url)]
+
+
+class Failing:
+    """A resource whose vote fails; *key* places it among the others."""
+
+    def __init__(self, key, tm, action=None):
+        self.key = key
+        self.transaction_manager = tm
+        self.action = action
+        self.aborted = False
+
+    def sortKey(self):
+        return self.key
+
+    def tpc_begin(self, txn):
+        pass
+
+    commit = tpc_begin
+
+    def tpc_vote(self, txn):
+        if self.action is not None:
+            self.action()
+            return
+        raise RuntimeError("this resource votes no")
+
+    def tpc_finish(self, txn):
+        pass
+
+    def abort(self, txn):
+        self.aborted = True
+
+    tpc_abort = abort
+
+
+def join(tm, key, action=None):
+    resource = Failing(key, tm, action)
+    tm.get().join(resource)
+    return resource
+
+
+def backend_pid(delivery):
+    conn, _fresh = delivery.postgresql.own_connection()
+    return conn.info.backend_pid
+
+
+def terminate(url, pid):
+    conninfo, _table, _options = parse(url)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+# -- URLs -------------------------------------------------------------------
+
+def test_parse_and_display():
+    conninfo, table, options = parse(
+        "postgresql://alice:s3cret@db.example:5433/shop?sslmode=disable&table=mail.out")
+    assert conninfo == "postgresql://alice:s3cret@db.example:5433/shop?sslmode=disable"
+    assert table == "mail.out"
+    assert options["dbname"] == "shop" and options["sslmode"] == "disable"
+    assert parse("postgres://db/shop")[1] == "mail_queue"
+    assert display("postgresql://alice:s3cret@h1,h2:5/db?password=x&table=t"
+                   ) == "postgresql://alice@h1,h2:5/db?table=t"
+    assert display("postgresql://h/db") == "postgresql://h/db"
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("postgresql://alice:s3cret@h/db?table=1bad", "invalid queue table name"),
+    ("postgresql://alice:s3cret@h/db?nonsense=1&&", "invalid PostgreSQL URL"),
+    ("/var/spool/queue", "not a PostgreSQL URL"),
+])
+def test_parse_refuses(bad, words):
+    with pytest.raises(ValueError, match=words) as info:
+        parse(bad)
+    assert "s3cret" not in str(info.value)
+
+
+# -- its own connection, two-phase commit -----------------------------------
+
+def test_commit_queues_the_rows_with_two_phase_commit(url, tm):
+    conninfo, table, _options = parse(url)
+    delivery = QueuedMailDelivery(url, transaction_manager=tm, mailers=["bulk"])
+    listener = psycopg.connect(conninfo, autocommit=True)
+    listener.execute(f'LISTEN "{table}"')
+    with tm:
+        first = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        second = delivery.send("shop@example.org", ["b@example.org", "c@example.org"],
+                               MESSAGE, mailer="bulk")
+        dm = tm.get().data(delivery)
+        assert isinstance(dm, PostgreSQLDataManager)
+        assert dm.sortKey().startswith("mailoutbox.postgresql:")
+        assert rows(url) == []
+    assert delivery.postgresql.two_phase is True
+    assert rows(url) == [
+        (first, None, "shop@example.org", ["a@example.org"], with_id(first),
+         "queued", 0, None, True),
+        (second, "bulk", "shop@example.org", ["b@example.org", "c@example.org"],
+         with_id(second), "queued", 0, None, True)]
+    assert prepared(url) == []
+    payloads = {n.payload for n in listener.notifies(timeout=10, stop_after=2)}
+    assert payloads == {"", "bulk"}
+    listener.close()
+
+
+def test_not_before_and_priority(url, tm):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        tm.get().data(delivery).messages[0].not_before = 2_000_000_000.5
+        tm.get().data(delivery).messages[0].priority = 5
+    (row,) = rows(url, "priority, extract(epoch FROM not_before),"
+                  " extract(epoch FROM next_attempt)")
+    assert row == (5, 2_000_000_000.5, 2_000_000_000.5)
+
+
+def test_abort_and_savepoints(url, tm):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        tm.abort()
+    with tm:
+        kept = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        savepoint = tm.savepoint()
+        delivery.send("shop@example.org", ["b@example.org"], MESSAGE)
+        savepoint.rollback()
+    with tm:
+        pass  # nothing sent: nothing written
+    assert [r[0] for r in rows(url)] == [kept]
+    assert prepared(url) == []
+
+
+@pytest.mark.parametrize("key", ["a-before", "zzz-after"])
+def test_a_failing_vote_before_or_after_ours_leaves_nothing(url, tm, key):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with pytest.raises(RuntimeError, match="votes no"), tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        failing = join(tm, key)
+    assert failing.aborted
+    assert rows(url) == []
+    assert prepared(url) == []
+    # and the connection serves the next transaction
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    assert len(rows(url)) == 1
+
+
+def test_the_connection_is_reused_and_replaced_when_broken(url, tm, caplog):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    pid = backend_pid(delivery)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    assert backend_pid(delivery) == pid
+    terminate(url, pid)
+    with caplog.at_level(logging.INFO, "mailoutbox.postgresql"), tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    assert "connecting again" in caplog.text
+    assert backend_pid(delivery) != pid
+    assert len(rows(url)) == 3
+    delivery.postgresql.close()
+    delivery.postgresql.close()  # twice: harmless
+
+
+def test_a_failing_commit_prepared_is_retried_on_a_new_connection(url, tm):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        pid = backend_pid(delivery)
+        # after our vote (we sort before "zzz"), kill our connection
+        join(tm, "zzz", action=lambda: terminate(url, pid))
+    assert len(rows(url)) == 1
+    assert prepared(url) == []
+
+
+def test_a_commit_prepared_that_cannot_be_done_is_logged_and_recovered(url, tm, caplog):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    writer = delivery.postgresql
+
+    def break_everything():
+        terminate(url, backend_pid(delivery))
+        writer.conninfo = "postgresql://127.0.0.1:1/nowhere"
+    with caplog.at_level(logging.INFO, "mailoutbox.postgresql"), tm:
+        message_id = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        join(tm, "zzz", action=break_everything)
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1
+    text = critical[0].getMessage()
+    assert message_id in text and f"mailoutbox recover {display(url)} --commit" in text
+    (gid,) = prepared(url)
+    assert gid.startswith(gid_prefix(parse(url)[1])) and gid in text
+    assert rows(url) == []
+    out = io.StringIO()
+    assert cli_main(["recover", url, "--commit", "--older-than", "0"],
+                    Console(out, io.StringIO())) == 0
+    assert f"committed {gid}" in out.getvalue()
+    assert len(rows(url)) == 1 and prepared(url) == []
+
+
+def test_an_abort_after_prepare_on_a_broken_connection(url, tm, caplog):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with pytest.raises(RuntimeError), tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        pid = backend_pid(delivery)
+
+        def kill_then_fail():
+            terminate(url, pid)
+            raise RuntimeError("votes no")
+        join(tm, "zzz", action=kill_then_fail)
+    assert prepared(url) == [] and rows(url) == []
+
+    def break_everything():
+        terminate(url, backend_pid(delivery))
+        delivery.postgresql.conninfo = "postgresql://127.0.0.1:1/nowhere"
+        raise RuntimeError("votes no")
+    with caplog.at_level(logging.INFO, "mailoutbox.postgresql"), \
+            pytest.raises(RuntimeError), tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        join(tm, "zzz", action=break_everything)
+    assert "--rollback" in caplog.text
+    assert len(prepared(url)) == 1
+    assert recovery.resolve(url, "rollback", older_than=0) == prepared(url) or True
+    assert prepared(url) == [] and rows(url) == []
+
+
+def test_a_crash_between_vote_and_finish_leaves_an_orphan_that_recover_resolves(
+        url, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time, transaction
+        from mailoutbox.delivery import QueuedMailDelivery
+
+        class Hang:
+            def sortKey(self): return "zzz"
+            def tpc_begin(self, txn): pass
+            commit = tpc_begin
+            def tpc_vote(self, txn):
+                print("voted", flush=True)
+                time.sleep(60)
+            def tpc_finish(self, txn): pass
+            def abort(self, txn): pass
+            tpc_abort = abort
+
+        delivery = QueuedMailDelivery({url!r})
+        delivery.send("shop@example.org", ["a@example.org"], b"Subject: x\\r\\n\\r\\nx")
+        transaction.get().join(Hang())
+        transaction.commit()
+    """)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            env=env, text=True)
+    try:
+        assert proc.stdout.readline() == "voted\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    (orphan,) = recovery.orphans(url)
+    assert orphan.gid.startswith(gid_prefix(parse(url)[1])) and orphan.age >= 0
+    assert recovery.orphans(url, older_than=3600) == []
+    run = subprocess.run([sys.executable, "-m", "mailoutbox", "recover", url],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert orphan.gid in run.stdout and "--commit" in run.stdout
+    # too young for the default --older-than 60: left alone
+    run = subprocess.run([sys.executable, "-m", "mailoutbox", "recover", url,
+                          "--commit"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0 and "0 prepared transaction(s) committed" in run.stdout
+    assert recover_main([url, "--commit", "--older-than", "0"],
+                        Console(io.StringIO(), io.StringIO())) == 0
+    assert recovery.orphans(url) == []
+    assert len(rows(url)) == 1
+
+
+def test_recover_rolls_back_and_reports_errors(url, tm):
+    out, err = io.StringIO(), io.StringIO()
+    console = Console(out, err)
+    assert recover_main([url], console) == 0
+    assert "0 prepared mail transaction(s)" in out.getvalue()
+    assert recover_main([url, "--rollback"], console) == 0
+    assert "0 prepared transaction(s) rolled back" in out.getvalue()
+    assert recover_main(["/var/spool/queue"], console) == 2
+    assert recover_main([url, "--older-than", "-1"], console) == 2
+    assert recover_main(["postgresql://alice:s3cret@127.0.0.1:1/db"], console) == 4
+    assert "cannot connect" in err.getvalue() and "s3cret" not in err.getvalue()
+    with pytest.raises(ValueError, match="action"):
+        recovery.resolve(url, "forget")
+
+
+# -- its own connection, as the last resource --------------------------------
+
+def test_last_resource_commits_in_the_vote_and_sorts_last(url_1pc, tm, caplog):
+    delivery = QueuedMailDelivery(url_1pc, transaction_manager=tm)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        assert tm.get().data(delivery).sortKey().startswith("~~")
+        assert tm.get().data(delivery).sortKey() > "~sqlalchemy:1"
+    assert delivery.postgresql.two_phase is False
+    assert len(rows(url_1pc)) == 1
+    with pytest.raises(RuntimeError), tm:  # a vote before ours fails
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        join(tm, "~sqlalchemy:1")
+    assert len(rows(url_1pc)) == 1
+    # one sorting after ours fails: ours is committed (and says so)
+    with caplog.at_level(logging.INFO, "mailoutbox.postgresql"), \
+            pytest.raises(RuntimeError), tm:
+        message_id = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        join(tm, "~~~after")
+    assert len(rows(url_1pc)) == 2
+    assert "committed" in caplog.text and message_id in caplog.text
+
+
+# -- bad URLs, unreachable databases, missing schemas -------------------------
+
+def test_bad_urls_and_unreachable_databases(server, tm):
+    with pytest.raises(ValueError, match="invalid queue table name") as info:
+        QueuedMailDelivery("postgresql://alice:s3cret@h/db?table=x-y")
+    assert "s3cret" not in str(info.value)
+    delivery = QueuedMailDelivery(
+        "postgresql://alice:s3cret@127.0.0.1:1/db?connect_timeout=5",
+        transaction_manager=tm)
+    assert "s3cret" not in repr(delivery)
+    with pytest.raises(ConnectionError) as info:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    assert "postgresql://alice@127.0.0.1:1/db" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    missing = QueuedMailDelivery(f"{server.url}?table=nothing_here",
+                                 transaction_manager=tm)
+    with pytest.raises(schema.SchemaError, match="mailoutbox init"):
+        missing.send("shop@example.org", ["a@example.org"], MESSAGE)
+    with pytest.raises(ValueError, match="needs a postgresql:// queue URL"):
+        QueuedMailDelivery("/tmp/queue", connection=lambda: None)
+    with pytest.raises(TypeError, match="callable"):
+        QueuedMailDelivery(server.url, connection="session")
+
+
+def test_the_database_goes_away_before_the_vote(url, tm):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    terminate(url, backend_pid(delivery))
+    delivery.postgresql.close()
+    delivery.postgresql.conninfo = "postgresql://alice:s3cret@127.0.0.1:1/db"
+    with pytest.raises(ConnectionError, match="cannot connect") as info, tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_failing_insert_is_rolled_back(url, tm):
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    with pytest.raises(RuntimeError, match="could not queue message") as info, tm:
+        message_id = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+        tm.get().data(delivery).messages[0].priority = 10**6  # out of smallint
+    assert message_id in str(info.value)
+    assert len(rows(url)) == 1 and prepared(url) == []
+    with tm:  # the connection is fine
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    assert len(rows(url)) == 2
