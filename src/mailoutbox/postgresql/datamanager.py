@@ -241,10 +241,18 @@ class QueueWriter:
         password = self.options.get("password")
         if password:
             reason = reason.replace(password, "***")
-        import psycopg
-        cls = ConnectionError if isinstance(exc, (psycopg.OperationalError, OSError)) \
-            else RuntimeError
-        return cls(f"{what} {self.shown}: {reason}")
+        return (ConnectionError if _lost(exc) else RuntimeError)(
+            f"{what} {self.shown}: {reason}")
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether *exc* says the server cannot be reached (or went away),
+    rather than that it refused a statement."""
+    import psycopg
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(exc, OSError) or (
+        isinstance(exc, psycopg.OperationalError)
+        and (sqlstate is None or sqlstate.startswith("08")))
 
 
 def _mark_changed(session: Any) -> None:
