@@ -626,3 +626,87 @@ def test_a_failed_wakeup_is_only_a_warning(server, url, tm, caplog):
         message_id = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
     assert "could not notify" in caplog.text and message_id in caplog.text
     assert len(rows(url)) == 1
+
+
+# -- ZCML and Pyramid ------------------------------------------------------------
+
+#: The connection the configuration tests name by its dotted name.
+CURRENT = {}
+
+
+def current_connection():
+    return CURRENT["conn"]
+
+
+ZCML = """\
+<configure xmlns="http://namespaces.zope.org/zope"
+           xmlns:mail="http://namespaces.zope.org/mail">
+  <include package="zope.component" file="meta.zcml" />
+  <include package="mailoutbox" file="meta.zcml" />
+  <mail:smtpMailer name="smtp" hostname="127.0.0.1" port="1" />
+  <mail:queuedDelivery name="Mail" mailer="smtp" queuePath="{url}"
+      processorThread="false" {extra} />
+</configure>
+"""
+
+
+@pytest.fixture
+def registry():
+    import zope.component.testing
+    zope.component.testing.setUp()
+    yield
+    zope.component.testing.tearDown()
+    CURRENT.clear()
+
+
+def test_zcml_queued_delivery_with_a_url_and_a_connection(registry, url, tm):
+    from zope.component import getUtility
+    from zope.configuration import xmlconfig
+
+    from mailoutbox.interfaces import IMailDelivery
+    xmlconfig.string(ZCML.format(url=url.replace("&", "&amp;"), extra=(
+        'connection="tests.test_postgresql_delivery.current_connection"')))
+    delivery = getUtility(IMailDelivery, "Mail")
+    assert delivery.queuePath == url
+    assert delivery.postgresql.connection is current_connection
+    with psycopg.connect(parse(url)[0]) as conn:
+        CURRENT["conn"] = conn
+        delivery.transaction_manager = tm
+        with tm:
+            message_id = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
+    assert [r[0] for r in rows(url)] == [message_id]
+
+
+def test_zcml_connection_needs_a_url(registry, tmp_path):
+    from zope.configuration import xmlconfig
+    from zope.configuration.exceptions import ConfigurationError
+    with pytest.raises(ConfigurationError, match="needs a postgresql://"):
+        xmlconfig.string(ZCML.format(url=tmp_path / "queue", extra=(
+            'connection="tests.test_postgresql_delivery.current_connection"')))
+
+
+def test_pyramid_settings_with_a_url_and_a_connection(url, tm):
+    from pyramid.exceptions import ConfigurationError
+
+    from mailoutbox.pyramid import MailSettings
+    secret = url.replace("postgresql://postgres@", "postgresql://postgres:s3cret@")
+    settings = MailSettings.from_settings({
+        "mail.queue_path": secret, "mail.processor": "false",
+        "mail.connection": "tests.test_postgresql_delivery:current_connection"})
+    assert settings.connection is current_connection
+    assert "s3cret" not in repr(settings) and display(secret) in repr(settings)
+    delivery = settings.make_delivery(None, transaction_manager=tm)
+    assert delivery.postgresql.connection is current_connection
+    assert MailSettings.from_settings({"mail.queue_path": url, "mail.connection":
+                                       current_connection}).connection is \
+        current_connection
+    assert MailSettings.from_settings({"mail.queue_path": url,
+                                       "mail.connection": " "}).connection is None
+    for bad, words in [
+        ({"mail.queue_path": "/tmp/q", "mail.connection": "os:getcwd"}, "needs a"),
+        ({"mail.queue_path": url, "mail.connection": "no.such.module:x"},
+         "cannot be imported"),
+        ({"mail.queue_path": url, "mail.connection": "os:sep"}, "a callable"),
+    ]:
+        with pytest.raises(ConfigurationError, match=words):
+            MailSettings.from_settings(bad)
