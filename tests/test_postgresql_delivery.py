@@ -533,7 +533,11 @@ def test_a_sqlalchemy_connection(shop, url, tm):
         with tm:
             delivery.send("shop@example.org", ["b@example.org"], MESSAGE)
         trans.rollback()
-    assert [r[0] for r in rows(url)] == [first]
+        with tm:  # no transaction begun: send() begins one ("autobegin")
+            third = delivery.send("shop@example.org", ["c@example.org"], MESSAGE)
+        assert conn.in_transaction()
+        conn.commit()
+    assert [r[0] for r in rows(url)] == [first, third]
     assert orders(shop) == ["a@example.org"]
 
 

@@ -157,7 +157,7 @@ class QueueWriter:
             schema.check(_Shim(run), self.table, self.shown)
             self.checked = True
         try:
-            run(self.insert_and_notify, self.params(message))
+            run(self.insert_and_notify, self.params(message)).close()
         except Exception:
             log.error("could not queue message %s in %s through the"
                       " application's connection", message.message_id,
@@ -166,14 +166,24 @@ class QueueWriter:
         log.debug("inserted message %s into %s", message.message_id, self.shown)
 
     def _runner(self, given: Any) -> Callable[[str, Any], Any]:
-        """A function that runs SQL through the connection *given*."""
+        """A function that runs SQL through the connection *given* and
+        returns the cursor.
+
+        Through SQLAlchemy, the statement goes to the driver's connection
+        (psycopg or psycopg2) of the SQLAlchemy connection, in its
+        transaction, begun first if needed: SQLAlchemy's execution
+        machinery would cost more than the statement (SQLAlchemy's
+        ``before_cursor_execute`` events do not see it).
+        """
         if hasattr(given, "exec_driver_sql"):  # SQLAlchemy Connection
-            return given.exec_driver_sql
+            if not given.in_transaction():
+                given.begin()  # as exec_driver_sql would ("autobegin")
+            return _dbapi_runner(given.connection)
         if hasattr(given, "get_bind"):  # SQLAlchemy Session (or scoped)
             session = given() if hasattr(given, "registry") else given
-            conn = session.connection()
+            conn = session.connection()  # begins the session's transaction
             _mark_changed(session)
-            return conn.exec_driver_sql
+            return _dbapi_runner(conn.connection)
         if hasattr(given, "pgconn"):  # psycopg Connection
             if given.autocommit and given.info.transaction_status == 0:  # IDLE
                 raise ValueError(
@@ -253,6 +263,14 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or (
         isinstance(exc, psycopg.OperationalError)
         and (sqlstate is None or sqlstate.startswith("08")))
+
+
+def _dbapi_runner(dbapi: Any) -> Callable[[str, Any], Any]:
+    def run(query: str, params: Any) -> Any:
+        cursor = dbapi.cursor()
+        cursor.execute(query, params)
+        return cursor
+    return run
 
 
 def _mark_changed(session: Any) -> None:
