@@ -1,6 +1,6 @@
 """Queueing into a PostgreSQL table with the transaction: the data managers
 of :class:`~mailoutbox.delivery.QueuedMailDelivery` for a ``postgresql://``
-queue.  See :doc:`/scaling` for the story.
+queue.  See :doc:`/postgresql-delivery` for the story.
 
 Two modes, chosen by the delivery's *connection* argument:
 
