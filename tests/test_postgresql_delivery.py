@@ -714,3 +714,16 @@ def test_pyramid_settings_with_a_url_and_a_connection(url, tm):
     ]:
         with pytest.raises(ConfigurationError, match=words):
             MailSettings.from_settings(bad)
+
+
+def test_create_data_manager_writes_through_the_applications_connection(url, tm):
+    # zope.sendmail's one-message data manager, joined by the caller
+    with psycopg.connect(parse(url)[0]) as conn:
+        delivery = QueuedMailDelivery(url, transaction_manager=tm,
+                                      connection=lambda: conn)
+        with tm:
+            datamanager = delivery.createDataManager(
+                "shop@example.org", ["a@example.org"], MESSAGE)
+            tm.get().join(datamanager)
+        conn.commit()
+    assert len(rows(url)) == 1

@@ -117,7 +117,7 @@ class AbstractMailDelivery:
         data manager), so overriding it changes nothing there.
         """
         datamanager = self.datamanager_factory(self, self._manager())
-        datamanager.messages.append(self._message(fromaddr, toaddrs, message, None))
+        self._add(datamanager, self._message(fromaddr, toaddrs, message, None))
         return datamanager
 
     def send(self, fromaddr: str, toaddrs: Iterable[str],
