@@ -43,7 +43,8 @@ def add_parsers(commands: Any) -> None:
     )
     parser.add_argument(
         "--all", action="store_true",
-        help="retry every failed and deferred message",
+        help="retry every failed and deferred message (not those scheduled"
+        " for later: name them to send them now)",
     )
     add_common_arguments(parser, quiet=QUIET)
     parser.set_defaults(func=retry)
@@ -108,7 +109,8 @@ def retry(args: argparse.Namespace, console: Console) -> int:
         messages = [
             m for m in view.messages
             if m.state == "failed"
-            or (m.state != "sending" and m.retry_at is not None)
+            or (m.state != "sending" and m.retry_at is not None
+                and not (m.state == "deferred" and m.scheduled_for is not None))
         ]
         missing = False
     else:

@@ -22,6 +22,7 @@ from mailoutbox.cli.view import MessageInfo
 from mailoutbox.cli.view import QueueView
 from mailoutbox.cli.view import clean
 from mailoutbox.cli.view import format_age
+from mailoutbox.cli.view import format_priority
 from mailoutbox.cli.view import format_time
 from mailoutbox.cli.view import read_file
 from mailoutbox.envelope import parse_queue_file
@@ -182,6 +183,8 @@ def list_messages(args: argparse.Namespace, console: Console) -> int:
     for message in messages:
         subject = message.head.header("Subject")
         via = [] if message.relay is None else [f"via {message.relay}"]
+        if message.priority:
+            via.append(f"priority {format_priority(message.priority)}")
         console.out(clean("  ".join([
             message.name,
             f"{message.state:<8}",
@@ -201,6 +204,10 @@ def describe_error(view: QueueView, message: MessageInfo) -> str | None:
     error, SMTP code, server, attempts) and when it is tried next, or why
     it failed; None for a message never tried.  Unknown parts are left
     out."""
+    when = message.scheduled_for
+    if when is not None:
+        return f"scheduled for {format_time(when)}" + (
+            f" (in {format_age(when - view.now)})" if when > view.now else ", due")
     last = message.last_error()
     details = [f"{name} {last[name]}" for name in ("code", "server")
                if last[name] is not None]
@@ -220,6 +227,10 @@ def describe_error(view: QueueView, message: MessageInfo) -> str | None:
 
 
 def _describe_state(view: QueueView, message: MessageInfo) -> str:
+    when = message.scheduled_for
+    if message.state == "deferred" and when is not None:
+        return (f"deferred (scheduled for {format_time(when)},"
+                f" in {format_age(when - view.now)})")
     if message.state == "deferred" and message.retry_at is not None:
         when = message.retry_at
         return (
@@ -263,6 +274,7 @@ def show(args: argparse.Namespace, console: Console) -> int:
         *([] if message.relay is None else [f"relay:    {message.relay}"]),
         f"queued:   {format_time(message.queued_at)}"
         f" ({format_age(view.now - message.queued_at)} ago)",
+        f"priority: {format_priority(message.priority)}",
     ]
     if head.problem:
         lines.append(f"problem:  {head.problem}")

@@ -5,7 +5,9 @@ The states shown to people are:
 ``queued``
     waiting for the next pass of a processor;
 ``deferred``
-    kept back after a transient failure until its next attempt;
+    kept back after a transient failure until its next attempt, or, never
+    tried yet, until the time it was sent for (``send(...,
+    not_before=...)``: the message is *scheduled*);
 ``sending``
     claimed by a processor right now;
 ``failed``
@@ -31,6 +33,8 @@ from mailoutbox.envelope import parse_queue_file
 from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
 from mailoutbox.relays import relay_folders
+from mailoutbox.schedule import PRIORITIES
+from mailoutbox.schedule import scheduled_for
 
 __all__ = [
     "STATES",
@@ -39,6 +43,7 @@ __all__ = [
     "QueueView",
     "clean",
     "format_age",
+    "format_priority",
     "format_time",
     "open_queue",
     "read_file",
@@ -104,6 +109,12 @@ def format_age(seconds: float) -> str:
 def format_time(timestamp: float) -> str:
     """A local time for people, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def format_priority(priority: int) -> str:
+    """A priority for people: its name (``high``), else its number."""
+    names = {number: name for name, number in PRIORITIES.items()}
+    return names.get(priority, str(priority))
 
 
 @dataclass
@@ -192,6 +203,19 @@ class MessageInfo:
             self._record = read(self.entry) or {}
         return self._record
 
+    @property
+    def priority(self) -> int:
+        """Its priority (higher is sent first; 0 normal)."""
+        return int(self.maildir.priority(self.entry))  # type: ignore[union-attr]
+
+    @property
+    def scheduled_for(self) -> float | None:
+        """The time it was sent for (``not_before``), if it was never tried
+        since; else None."""
+        if self.state == "failed":
+            return None
+        return scheduled_for(self.record)
+
     def last_error(self) -> dict[str, Any]:
         """``attempts``, ``error``, ``code`` and ``server`` of the last
         failed attempt (each None when unknown, or not of the right type in
@@ -216,6 +240,8 @@ class MessageInfo:
             "queued_at": self.queued_at,
             "age": round(max(0.0, now - self.queued_at), 3),
             "next_attempt": self.retry_at if self.state == "deferred" else None,
+            "not_before": self.scheduled_for,
+            "priority": self.priority,
             "message_id": head.message_id,
             "from": head.fromaddr,
             "to": list(head.toaddrs),
