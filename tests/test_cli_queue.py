@@ -171,6 +171,8 @@ def test_list_json_keys(queue):
         "error": "451 greylisted",
         "code": 451,
         "server": None,
+        "not_before": None,
+        "priority": 0,
     }
 
 

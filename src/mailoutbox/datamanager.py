@@ -184,11 +184,14 @@ class QueuedDataManager(_DataManager):
                 maildir = self.maildirs.get(relay)
                 if maildir is None:
                     maildir = self.delivery.maildir(relay)
+                # newMessage() is IMaildir's: given a priority only when
+                # there is one.
+                options = (message.priority,) if message.priority else ()
                 try:
-                    writer = maildir.newMessage(message.priority)
+                    writer = maildir.newMessage(*options)
                 except FileNotFoundError:  # the folder was removed: make it
                     maildir = self.delivery.maildir(relay, fresh=True)
-                    writer = maildir.newMessage(message.priority)
+                    writer = maildir.newMessage(*options)
                 self.maildirs[relay] = maildir
                 self.writers.append((message_id, writer))
                 writer.write(message.envelope)
