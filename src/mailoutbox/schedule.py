@@ -64,6 +64,7 @@ def check_priority(value: Any) -> int:
     :data:`MIN_PRIORITY` to :data:`MAX_PRIORITY` (-100 to 100) is itself.
     Higher is sent first.
 
+    >>> from mailoutbox.schedule import check_priority
     >>> check_priority("high"), check_priority(None), check_priority(-5)
     (10, 0, -5)
 
