@@ -37,7 +37,7 @@ def listing(queue_path, *options: str) -> dict:
     return {m["subject"]: m for m in json.loads(result.out)["messages"]}
 
 
-# -- parsing WHEN and P -------------------------------------------------------------
+# -- parsing WHEN and P ---------------------------------------------------------
 
 def test_parse_when_relative():
     now = lambda: 1000.0  # noqa: E731
@@ -81,7 +81,7 @@ def test_format_priority():
         "high", "normal", "low", "7"]
 
 
-# -- send, list, show, status ----------------------------------------------------------
+# -- send, list, show, status ---------------------------------------------------
 
 def test_send_list_and_show_a_scheduled_message(queue_path):
     send(queue_path, "later", "--not-before", "+2h", "--priority", "high")
@@ -153,7 +153,7 @@ def test_send_and_list_in_subprocesses(queue_path):
     assert b"not a time" in done.stderr
 
 
-# -- run --flush and retry --all --------------------------------------------------------
+# -- run --flush and retry --all ------------------------------------------------
 
 def test_run_flush_does_not_send_scheduled_messages(queue_path, smtp_server):
     send(queue_path, "later", "--not-before", "+1h")
