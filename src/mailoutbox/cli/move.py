@@ -119,7 +119,8 @@ def move(args: argparse.Namespace, console: Console) -> int:
             fromaddr, toaddrs, message = parse_queue_file(claim.read())
             # A message without a Message-Id gets one made from its name,
             # so that a resumed move recognises it.
-            message, _id = prepare_message(message, lambda: _made_id(info.name))
+            made = _made_id(info.name)
+            message, _id = prepare_message(message, lambda: made)  # noqa: B023
             key = _key(fromaddr, toaddrs, message)
             if key not in present:
                 manager = delivery.transaction_manager
