@@ -177,3 +177,16 @@ def test_retry_all_leaves_scheduled_messages_but_a_named_one_is_sent_now(
     assert listing(queue_path)["later"]["state"] == "queued"
     assert cli("run", queue_path, *to(smtp_server)).code == EXIT_OK
     assert len(smtp_server.messages) == 1
+
+
+def test_move_keeps_the_schedule_and_the_priority(tmp_path):
+    source, dest = str(tmp_path / "source"), str(tmp_path / "dest")
+    send(source, "later", "--not-before", "+1h", "--priority", "low")
+    send(source, "code", "--priority", "high")
+    before = listing(source)
+    result = cli("move", source, dest)
+    assert result.code == EXIT_OK, result.err
+    after = listing(dest)
+    assert after["later"]["state"] == "deferred"
+    assert after["later"]["not_before"] == before["later"]["not_before"]
+    assert [after[s]["priority"] for s in ("later", "code")] == [-10, 10]

@@ -11,7 +11,8 @@ is resumed by running it again: a message already in the destination
 source.  Messages being sent are left where they are (run the command
 again once they are done); failed messages stay in the source's failed
 area.  A moved message starts afresh in the destination: due at once,
-its attempts forgotten.
+its attempts forgotten (a message scheduled for later and never tried
+keeps its time, and every message its priority).
 """
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ def move(args: argparse.Namespace, console: Console) -> int:
             if key not in present:
                 manager = delivery.transaction_manager
                 with manager:
-                    delivery.send(fromaddr, toaddrs, message, mailer=info.relay)
+                    delivery.send(fromaddr, toaddrs, message, mailer=info.relay,
+                                  not_before=info.scheduled_for,
+                                  priority=info.priority)
                 present.add(key)
         except BaseException:
             claim.release()
