@@ -504,3 +504,36 @@ def test_the_retry_state_is_json(queue_path):
     with open(path) as f:
         assert json.load(f) == {"attempts": 0, "not_before": 2e9}
     assert os.stat(path).st_mtime == 2e9
+
+
+# -- the module-level send_message() ------------------------------------------------
+
+def test_module_level_send_message_passes_the_options_on(queue_path):
+    import zope.component
+    from zope.sendmail.delivery import QueuedMailDelivery as ZopeDelivery
+
+    import mailoutbox
+    from mailoutbox.interfaces import IMailDelivery
+
+    registry = zope.component.getGlobalSiteManager()
+    ours, zope_delivery = QueuedMailDelivery(queue_path), ZopeDelivery(queue_path)
+    registry.registerUtility(ours, IMailDelivery, "Scheduled")
+    registry.registerUtility(zope_delivery, IMailDelivery, "Zope")
+    try:
+        import transaction
+
+        when = time.time() + HOUR
+        with transaction.manager:
+            mailoutbox.send_message(message("later"), "Scheduled",
+                                    not_before=when, priority="high")
+        maildir = Maildir(queue_path)
+        (entry,) = maildir.scan().entries
+        assert maildir.priority(entry) == 10
+        assert maildir.scan().retry_at[entry.name] == pytest.approx(when, abs=1e-3)
+        with pytest.raises(TypeError, match=r"cannot schedule .*\(priority\)"):
+            mailoutbox.send_message(message("x"), "Zope", priority="low")
+        with pytest.raises(TypeError, match=r"\(not_before\)"):
+            mailoutbox.send_message(message("x"), "Zope", not_before=when)
+    finally:
+        registry.unregisterUtility(ours, IMailDelivery, "Scheduled")
+        registry.unregisterUtility(zope_delivery, IMailDelivery, "Zope")

@@ -229,7 +229,8 @@ class IMailQueueProcessor(Interface):
     def process_queue(now=None, on_progress=None, *, flush=False):
         """Make one pass over the queue and its relay folders and return
         what it did (a mailoutbox.workers.Stats).  With *flush*, every
-        deferred message is due, whatever the time of its next attempt.
+        deferred message is due, whatever the time of its next attempt,
+        except those scheduled for later (``send(..., not_before=...)``).
 
         .. versionadded:: 0.1
         """
