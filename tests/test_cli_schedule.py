@@ -88,28 +88,65 @@ def test_send_list_and_show_a_scheduled_message(queue_path):
     send(queue_path, "now", "--priority", "-5")
     messages = listing(queue_path)
     later, now = messages["later"], messages["now"]
-    assert later["state"] == "deferred"
+    assert later["state"] == "scheduled"
     assert later["priority"] == 10
     assert later["not_before"] == pytest.approx(time.time() + 7200, abs=60)
     assert later["next_attempt"] == later["not_before"]
     assert later["attempts"] == 0  # never tried
     assert (now["state"], now["priority"], now["not_before"]) == ("queued", -5, None)
     text = cli("list", queue_path).out
-    line, why = [s for s in text.splitlines() if "later" in s or "scheduled" in s]
-    assert "deferred" in line and "priority high" in line
+    line, why = [s for s in text.splitlines() if "later" in s or "scheduled for" in s]
+    assert line.split()[1] == "scheduled" and "priority high" in line
     assert why.strip().startswith("scheduled for ")
     assert "(in 1h 59m)" in why or "(in 2h 00m)" in why
     assert "priority -5" in text
+    assert list(listing(queue_path, "--scheduled")) == ["later"]
+    assert list(listing(queue_path, "--deferred")) == []
     shown = cli("show", queue_path, later["id"]).out
-    assert "state:    deferred (scheduled for " in shown
+    assert "state:    scheduled (for " in shown
     assert "priority: high" in shown
     assert "not_before:" in shown and "attempts: 0" in shown
     data = json.loads(cli("show", queue_path, later["id"], "--json").out)
     assert data["retry_state"] == {"attempts": 0, "not_before": later["not_before"]}
     assert (data["priority"], data["not_before"]) == (10, later["not_before"])
+
+
+def test_status_counts_scheduled_messages_apart(queue_path):
+    send(queue_path, "later", "--not-before", "+2h")
+    send(queue_path, "much later", "--not-before", "+1d")
     status = json.loads(cli("status", queue_path, "--json").out)
-    assert (status["queued"], status["deferred"]) == (1, 1)
-    assert status["next_attempt"] == later["not_before"]
+    assert (status["queued"], status["deferred"], status["scheduled"]) == (0, 0, 2)
+    assert status["next_scheduled"] == pytest.approx(time.time() + 7200, abs=60)
+    # Waiting for their time is not mail failing to leave.
+    assert (status["oldest_age"], status["next_attempt"]) == (None, None)
+    text = cli("status", queue_path).out
+    assert "\nscheduled 2  (the first " in text
+    assert "in 1h 59m)" in text or "in 2h 00m)" in text
+    send(queue_path, "now")
+    status = json.loads(cli("status", queue_path, "--json").out)
+    assert (status["queued"], status["scheduled"]) == (1, 2)
+    assert status["oldest_age"] is not None
+    # Without scheduled messages, the text is as it was.
+    cli("purge", queue_path, *[m["id"] for m in listing(queue_path, "--scheduled")
+                               .values()])
+    assert "\nscheduled" not in cli("status", queue_path).out
+
+
+def test_scheduled_messages_of_relays_in_status(queue_path, tm):
+    delivery = QueuedMailDelivery(queue_path, tm, mailers=["bulk"])
+    delivery.send("shop@example.org", ["jane@example.org"], MESSAGE % b"r",
+                  mailer="bulk", not_before=time.time() + 3600)
+    tm.commit()
+    text = cli("status", queue_path).out
+    assert ("relay     bulk: queued 0, deferred 0, sending 0, failed 0,"
+            " scheduled 1") in text
+
+
+def test_purge_deferred_leaves_scheduled_messages(queue_path):
+    send(queue_path, "later", "--not-before", "+2h")
+    result = cli("purge", queue_path, "--deferred", "--yes")
+    assert result.code == EXIT_OK, result.err
+    assert list(listing(queue_path)) == ["later"]
 
 
 def test_a_scheduled_message_whose_time_came_is_listed_as_due(queue_path, tm):
@@ -170,10 +207,10 @@ def test_retry_all_leaves_scheduled_messages_but_a_named_one_is_sent_now(
     result = cli("retry", queue_path, "--all")
     assert result.code == EXIT_OK, result.err
     assert "0 message(s) queued" in result.out
-    assert listing(queue_path)["later"]["state"] == "deferred"
+    assert listing(queue_path)["later"]["state"] == "scheduled"
     (entry,) = Maildir(queue_path).scan().entries
     result = cli("retry", queue_path, entry.name)
-    assert "deferred -> queued" in result.out
+    assert "scheduled -> queued" in result.out
     assert listing(queue_path)["later"]["state"] == "queued"
     assert cli("run", queue_path, *to(smtp_server)).code == EXIT_OK
     assert len(smtp_server.messages) == 1
@@ -187,6 +224,6 @@ def test_move_keeps_the_schedule_and_the_priority(tmp_path):
     result = cli("move", source, dest)
     assert result.code == EXIT_OK, result.err
     after = listing(dest)
-    assert after["later"]["state"] == "deferred"
+    assert after["later"]["state"] == "scheduled"
     assert after["later"]["not_before"] == before["later"]["not_before"]
     assert [after[s]["priority"] for s in ("later", "code")] == [-10, 10]

@@ -537,3 +537,25 @@ def test_module_level_send_message_passes_the_options_on(queue_path):
     finally:
         registry.unregisterUtility(ours, IMailDelivery, "Scheduled")
         registry.unregisterUtility(zope_delivery, IMailDelivery, "Zope")
+
+
+def test_the_metrics_find_the_oldest_message_behind_higher_priorities(queue_path,
+                                                                       tm):
+    from mailoutbox.metrics import Metrics
+
+    delivery = QueuedMailDelivery(queue_path, tm)
+    delivery.send("shop@example.org", ["jane@example.org"], message("old"))
+    tm.commit()
+    time.sleep(0.01)
+    delivery.send("shop@example.org", ["jane@example.org"], message("new"),
+                  priority="high")
+    tm.commit()
+    maildir = Maildir(queue_path)
+    scan = maildir.scan()
+    first, second = scan.entries
+    assert maildir.priority(first) == 10  # listed first, queued last
+    metrics = Metrics()
+    metrics.listed(None, maildir, scan)
+    seconds, middle = second.name.split(".")[:2]
+    assert metrics.relay(None).oldest == pytest.approx(
+        int(seconds) + int(middle[1:7]) / 1e6, abs=1e-4, rel=0)

@@ -90,7 +90,7 @@ class IMailDelivery(Interface):
         sent: a timezone-aware :class:`~datetime.datetime`, a
         :class:`~datetime.timedelta` from now, or seconds since the epoch (a
         naive datetime is refused).  A queued delivery keeps the message
-        back until then (``mailoutbox list`` shows it deferred, "scheduled";
+        back until then (``mailoutbox list`` shows it as scheduled;
         ``mailoutbox run --flush`` does not send it early); a direct
         delivery cannot wait and refuses a time still to come.  *priority*
         is ``"low"``, ``"normal"`` (the default), ``"high"`` or a number
@@ -574,7 +574,8 @@ class IMaildir(Interface):
     path = TextLine(title="Path", description="Path of the folder.")
 
     def __iter__():
-        """Iterate over the paths of the queued messages, oldest first.
+        """Iterate over the paths of the queued messages, oldest first
+        (mailoutbox: in the order they are sent, higher priority first).
 
         Files whose names start with a dot are skipped, as the Maildir
         specification asks of readers.

@@ -28,6 +28,7 @@ from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import EXIT_NOT_SENT
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
+from mailoutbox.cli.view import WAITING
 from mailoutbox.cli.view import QueueView
 from mailoutbox.cli.view import clean
 from mailoutbox.cli.view import open_queue
@@ -101,7 +102,7 @@ def move(args: argparse.Namespace, console: Console) -> int:
     source = QueueView(args.source)
     if open_queue(args.source).key == _dest_key(args.dest):
         raise CLIError("SOURCE and DEST are the same queue")
-    waiting = source.select(("queued", "deferred", "sending"))
+    waiting = source.select(WAITING)
     if args.dry_run:
         console.out(f"{len(waiting)} message(s) would be moved")
         return EXIT_OK

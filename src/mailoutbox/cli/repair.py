@@ -109,8 +109,7 @@ def retry(args: argparse.Namespace, console: Console) -> int:
         messages = [
             m for m in view.messages
             if m.state == "failed"
-            or (m.state != "sending" and m.retry_at is not None
-                and not (m.state == "deferred" and m.scheduled_for is not None))
+            or (m.state not in ("sending", "scheduled") and m.retry_at is not None)
         ]
         missing = False
     else:
@@ -153,7 +152,8 @@ def _retry_one(view: QueueView, message: MessageInfo, console: Console) -> int:
         maildir.requeue(message.entry)
     finally:
         claim.release()
-    console.out(f"{message.name}: deferred -> queued")
+    was = "scheduled" if message.state == "scheduled" else "deferred"
+    console.out(f"{message.name}: {was} -> queued")
     return 1
 
 

@@ -5,9 +5,10 @@ The states shown to people are:
 ``queued``
     waiting for the next pass of a processor;
 ``deferred``
-    kept back after a transient failure until its next attempt, or, never
-    tried yet, until the time it was sent for (``send(...,
-    not_before=...)``: the message is *scheduled*);
+    kept back after a transient failure until its next attempt;
+``scheduled``
+    sent for a time still to come (``send(..., not_before=...)``) and
+    never tried yet; a processor counts it as deferred;
 ``sending``
     claimed by a processor right now;
 ``failed``
@@ -39,6 +40,7 @@ from mailoutbox.stores import open_store
 
 __all__ = [
     "STATES",
+    "WAITING",
     "Head",
     "MessageInfo",
     "QueueView",
@@ -51,7 +53,9 @@ __all__ = [
     "read_head",
 ]
 
-STATES = ("queued", "deferred", "sending", "failed")
+STATES = ("queued", "deferred", "sending", "failed", "scheduled")
+#: The states of the messages waiting in the queue.
+WAITING = ("queued", "deferred", "scheduled", "sending")
 #: How much of a queue file is read to show its envelope and headers.
 HEAD_SIZE = 64 * 1024
 
@@ -244,7 +248,8 @@ class MessageInfo:
             "state": self.state,
             "queued_at": self.queued_at,
             "age": round(max(0.0, now - self.queued_at), 3),
-            "next_attempt": self.retry_at if self.state == "deferred" else None,
+            "next_attempt": (self.retry_at if self.state in ("deferred", "scheduled")
+                             else None),
             "not_before": self.scheduled_for,
             "priority": self.priority,
             "message_id": head.message_id,
@@ -297,10 +302,11 @@ class QueueView:
                 state = "deferred"
             else:
                 state = "queued"
-            self.messages.append(MessageInfo(
-                entry, state, maildir.queued_at(entry), retry_at, maildir=maildir,
-                relay=relay,
-            ))
+            info = MessageInfo(entry, state, maildir.queued_at(entry), retry_at,
+                               maildir=maildir, relay=relay)
+            if state == "deferred" and info.scheduled_for is not None:
+                info.state = "scheduled"
+            self.messages.append(info)
         for entry in maildir.failed_entries():
             self.messages.append(MessageInfo(
                 entry, "failed", maildir.queued_at(entry), maildir=maildir,
