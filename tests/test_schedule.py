@@ -559,3 +559,29 @@ def test_the_metrics_find_the_oldest_message_behind_higher_priorities(queue_path
     seconds, middle = second.name.split(".")[:2]
     assert metrics.relay(None).oldest == pytest.approx(
         int(seconds) + int(middle[1:7]) / 1e6, abs=1e-4, rel=0)
+
+
+def test_a_failure_to_schedule_aborts_and_leaves_nothing(queue_path, tm,
+                                                         monkeypatch):
+    import errno
+
+    delivery = QueuedMailDelivery(queue_path, tm)
+    for subject in ("a", "b"):
+        delivery.send("shop@example.org", ["jane@example.org"], message(subject),
+                      not_before=time.time() + HOUR)
+    real = Maildir.schedule
+    calls = []
+
+    def schedule_once(self, name, not_before):
+        calls.append(name)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, not_before)
+
+    monkeypatch.setattr(Maildir, "schedule", schedule_once)
+    with pytest.raises(OSError, match=r"could not queue message <.*No space left"):
+        tm.commit()
+    assert len(calls) == 2
+    assert sidecars(queue_path) == []
+    assert os.listdir(os.path.join(queue_path, "tmp")) == []
+    assert Maildir(queue_path).scan().entries == []
