@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 if TYPE_CHECKING:
+    import datetime
     import email.message
 
 __all__ = ["includeme", "send_message"]
@@ -23,7 +24,7 @@ def send_message(
     fromaddr: str | None = None,
     toaddrs: Iterable[str] | None = None,
     mailer: str | None = None,
-    not_before: Any = None,
+    not_before: datetime.datetime | datetime.timedelta | float | None = None,
     priority: str | int | None = None,
 ) -> str:
     """Send *message* through the :class:`~mailoutbox.interfaces.IMailDelivery`
