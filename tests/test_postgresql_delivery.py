@@ -4,6 +4,7 @@ own with two-phase commit or as the last resource, and the recovery of
 prepared transactions that a crash left."""
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 import os
@@ -187,13 +188,14 @@ def test_commit_queues_the_rows_with_two_phase_commit(url, tm):
 
 def test_not_before_and_priority(url, tm):
     delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    when = datetime.datetime(2033, 5, 18, 3, 33, 20, 500000,
+                             tzinfo=datetime.timezone.utc)
     with tm:
-        delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
-        tm.get().data(delivery).messages[0].not_before = 2_000_000_000.5
-        tm.get().data(delivery).messages[0].priority = 5
+        delivery.send("shop@example.org", ["a@example.org"], MESSAGE,
+                      not_before=when, priority="high")
     (row,) = rows(url, "priority, extract(epoch FROM not_before),"
                   " extract(epoch FROM next_attempt)")
-    assert row == (5, 2_000_000_000.5, 2_000_000_000.5)
+    assert row == (10, when.timestamp(), when.timestamp())
 
 
 def test_abort_and_savepoints(url, tm):
@@ -436,7 +438,7 @@ def test_a_failing_insert_is_rolled_back(url, tm):
         delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
     with pytest.raises(RuntimeError, match="could not queue message") as info, tm:
         message_id = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
-        tm.get().data(delivery).messages[0].priority = 10**6  # out of smallint
+        tm.get().data(delivery).messages[0].priority = 10**6  # beyond smallint
     assert message_id in str(info.value)
     assert len(rows(url)) == 1 and prepared(url) == []
     with tm:  # the connection is fine

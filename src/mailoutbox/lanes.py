@@ -31,7 +31,6 @@ messages in flight are renewed by a thread of their own
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import threading
@@ -41,10 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailoutbox._commit import roll_forward
-from mailoutbox.maildir import Maildir
 from mailoutbox.ratelimit import relay_limits
-from mailoutbox.relays import relay_folders
+from mailoutbox.schedule import keep_scheduled
 from mailoutbox.wakeup import WakeRequests
 from mailoutbox.workers import Heartbeat
 from mailoutbox.workers import Pass
@@ -62,7 +59,7 @@ class Lane:
     """One folder of the queue, its worker threads and its current pass."""
 
     name: str | None  # the relay's mailer name; None for the queue itself
-    maildir: Maildir
+    maildir: Any  # its IQueueStore
     pool: WorkerPool | None = None
     job: Pass | None = None
     connections_open: bool = False  # the pool's workers may have some
@@ -124,16 +121,16 @@ class Lanes:
             main.maildir = processor.maildir  # setMaildir() was called
         self._ending = [pool for pool in self._ending if pool.alive()]
         found = set()
-        for name, path in relay_folders(processor.maildir.path):
+        for name in processor.maildir.relays():
             found.add(name)
             if name in self.lanes:
                 continue
             try:
-                maildir = processor.maildir_factory(path)
+                maildir = processor.maildir.relay(name)
             except ValueError as exc:
                 if name not in self._unusable:
-                    processor.log.warning("ignoring the relay folder %s: %s",
-                                          path, exc)
+                    processor.log.warning("ignoring the relay %r of %s: %s",
+                                          name, processor.maildir.path, exc)
                     self._unusable.add(name)
                 continue
             self.lanes[name] = Lane(name, maildir)
@@ -161,12 +158,13 @@ class Lanes:
     def start(self, lane: Lane, clock: Callable[[], float],
               on_progress: _Progress | None, flush: bool = False) -> None:
         """List the lane's folder, tidy it up and hand its messages to its
-        workers (with *flush*, the deferred ones too, due or not).  Errors
+        workers (with *flush*, the deferred ones too, due or not, but for
+        those scheduled for later).  Errors
         of the listing, and :class:`~mailoutbox.workers.WorkerStartError`,
         are raised (the lane is then idle)."""
         processor = self.processor
         maildir = lane.maildir
-        roll_forward(maildir)  # transactions that a crash cut short
+        maildir.recover()  # transactions that a crash cut short
         scan = maildir.scan()
         processor.metrics.listed(lane.name, maildir, scan, clock())
         try:
@@ -176,8 +174,8 @@ class Lanes:
             processor.log.exception("error while tidying up %s", maildir.path)
         mailer = processor.mailer if lane.name is None else \
             processor.mailer_for(lane.name)
-        if flush:  # every deferred message is due
-            scan = dataclasses.replace(scan, retry_at={})
+        if flush:  # every deferred message is due, but for scheduled ones
+            scan = keep_scheduled(maildir, scan, clock())
         rate, connections = relay_limits(mailer, processor.rate,
                                          processor.max_connections)
         workers = min(processor.concurrency, connections or processor.concurrency)

@@ -10,7 +10,8 @@ documentation chapter "The queue on disk"; in short::
       + .sending-NAME     claimed by a processor (hard link to NAME; its
                           mtime is the claim's lease, renewed while sending)
       + .retry-NAME       deferred: retry state (JSON); its mtime is the
-                          time of the next attempt
+                          time of the next attempt (written before NAME
+                          enters new/ for a message sent with not_before)
       .rejected-NAME      rejected by zope.sendmail (adopted into failed/)
     failed/NAME           failed permanently
       + .reason-NAME      why (JSON)
@@ -25,6 +26,7 @@ never send the same message at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -37,6 +39,7 @@ from typing import Any
 from zope.interface import implementer
 from zope.interface import provider
 
+from mailoutbox._commit import roll_forward
 from mailoutbox._files import DIR_MODE
 from mailoutbox._files import FILE_MODE
 from mailoutbox._files import O_NOFOLLOW
@@ -50,6 +53,10 @@ from mailoutbox._files import write_json_atomically
 from mailoutbox._writer import MaildirMessageWriter
 from mailoutbox.interfaces import IMaildir
 from mailoutbox.interfaces import IMaildirFactory
+from mailoutbox.interfaces import IQueueStore
+from mailoutbox.schedule import name_mark
+from mailoutbox.schedule import priority_of
+from mailoutbox.schedule import sort_key
 
 __all__ = [
     "CLAIM_PREFIX",
@@ -90,14 +97,14 @@ class _Names:
             socket.gethostname().replace("/", r"\057").replace(":", r"\072")
         )
 
-    def __call__(self) -> str:
+    def __call__(self, priority: int = 0) -> str:
         self.counter += 1
         now = time.time()
         seconds = int(now)
         micro = int((now - seconds) * 1e6)
         return (
             f"{seconds}.M{micro:06d}P{os.getpid()}Q{self.counter}"
-            f"R{secrets.token_hex(4)}.{self.host}"
+            f"R{secrets.token_hex(4)}{name_mark(priority)}.{self.host}"
         )
 
 
@@ -134,9 +141,10 @@ class Scan:
 
 
 @provider(IMaildirFactory)
-@implementer(IMaildir)
+@implementer(IMaildir, IQueueStore)
 class Maildir:
-    """See :class:`mailoutbox.interfaces.IMaildir`."""
+    """See :class:`mailoutbox.interfaces.IMaildir` and
+    :class:`mailoutbox.interfaces.IQueueStore`."""
 
     #: Whether this call created the queue (its folder, or the ``tmp/``,
     #: ``new/`` and ``cur/`` folders in an empty directory); False when it
@@ -200,12 +208,46 @@ class Maildir:
     def __repr__(self) -> str:
         return f"<Maildir {self.path!r}>"
 
+    @property
+    def key(self) -> str:
+        """The queue's real path (see :class:`~mailoutbox.interfaces.IQueueStore`)."""
+        return os.path.realpath(self.path)
+
+    # -- the lanes of the queue: its relay folders ----------------------------
+
+    def relays(self) -> list[str]:
+        """The names of the relay folders (:mod:`mailoutbox.relays`)."""
+        from mailoutbox.relays import relay_folders
+        return [name for name, _path in relay_folders(self.path)]
+
+    def relay(self, name: str, create: bool = False) -> Maildir:
+        """The Maildir of the relay folder of *name*."""
+        from mailoutbox.relays import relay_path
+        if create:
+            from mailoutbox.relays import open_relay
+            return open_relay(self.path, name, create=True)
+        return type(self)(relay_path(self.path, name))
+
+    def recover(self) -> int:
+        """Roll forward the transactions a crash cut short in ``tpc_finish``
+        (see :mod:`mailoutbox._commit`)."""
+        return roll_forward(self)
+
+    def watcher(self, on_wake: Any, name: str) -> Any:
+        """An inotify watcher of ``new/`` of the queue and of its relay
+        folders (:class:`mailoutbox.wakeup.FolderWatcher`)."""
+        from mailoutbox.wakeup import FolderWatcher
+        return FolderWatcher(self.key, on_wake, name=name)
+
     # -- writing ------------------------------------------------------------
 
-    def newMessage(self) -> MaildirMessageWriter:
-        """See :class:`mailoutbox.interfaces.IMaildir`."""
+    def newMessage(self, priority: int = 0) -> MaildirMessageWriter:
+        """See :class:`mailoutbox.interfaces.IMaildir`.
+
+        A *priority* other than 0 is recorded in the file's name (see
+        :mod:`mailoutbox.schedule`)."""
         for _attempt in range(100):
-            name = _new_name()
+            name = _new_name(priority)
             path = os.path.join(self.tmp, name)
             try:
                 fd = os.open(
@@ -222,6 +264,23 @@ class Maildir:
     def sync_new(self) -> None:
         """fsync ``new/`` so that renames into it are durable."""
         fsync_dir(self.new)
+
+    def schedule(self, name: str, not_before: float) -> str:
+        """Write the retry state of the message *name*, not yet in ``new/``,
+        to keep it back until *not_before* (``{"not_before": T, "attempts":
+        0}``, modification time T), and fsync it; return its path.  The
+        caller fsyncs ``new/`` (:meth:`sync_new`) before the message enters
+        it.  See :mod:`mailoutbox.schedule`."""
+        path = Entry(self.new, name).sidecar(RETRY_PREFIX)
+        data = json.dumps({"attempts": 0, "not_before": not_before},
+                          sort_keys=True).encode()
+        write_atomically(self.tmp, path, data, mtime=not_before, fsync=True,
+                         prefix=".schedule-")
+        return path
+
+    def priority(self, entry: Entry) -> int:
+        """The priority of *entry* (higher is sent first; 0 normal)."""
+        return priority_of(entry.name)
 
     # -- reading ------------------------------------------------------------
 
@@ -240,8 +299,10 @@ class Maildir:
         """List the queue folders once.
 
         Names starting with a timestamp sort in time order, so the entries
-        are sorted by name (zope.sendmail's names start with a timestamp
-        too).  Deferred messages are in the result with their retry time.
+        are sorted by priority (higher first, as their names record it:
+        :func:`mailoutbox.schedule.sort_key`), then by name
+        (zope.sendmail's names start with a timestamp too).  Deferred
+        messages are in the result with their retry time.
         """
         scan = Scan()
         retry_files = []
@@ -260,7 +321,7 @@ class Maildir:
         for name, dirent in retry_files:
             with contextlib.suppress(FileNotFoundError):
                 scan.retry_at[name] = dirent.stat(follow_symlinks=False).st_mtime
-        scan.entries.sort(key=lambda e: e.name)
+        scan.entries.sort(key=lambda e: sort_key(e.name))
         return scan
 
     def failed_entries(self) -> list[Entry]:
@@ -282,6 +343,24 @@ class Maildir:
                 return Entry(folder, name)
         return None
 
+    def read(self, entry: Entry, size: int = -1) -> bytes:
+        """The first *size* bytes of *entry* (all with -1); a symbolic link
+        is not followed, nor a fifo waited on."""
+        fd = os.open(entry.path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(size)
+
+    def queued_at(self, entry: Entry) -> float:
+        """When *entry* was queued: the time its name starts with (ours and
+        zope.sendmail's names do), else its modification time."""
+        prefix = entry.name.split(".", 1)[0]
+        if prefix.isdigit() and len(prefix) <= 12:
+            return float(prefix)
+        try:
+            return os.lstat(entry.path).st_mtime
+        except FileNotFoundError:
+            return time.time()
+
     def reason(self, entry: Entry) -> dict[str, Any] | None:
         """Why a failed message failed."""
         return read_json(entry.sidecar(REASON_PREFIX))
@@ -292,9 +371,10 @@ class Maildir:
 
     # -- claiming -------------------------------------------------------------
 
-    def claim(self, entry: Entry, lease: float = DEFAULT_LEASE) -> Claim | None:
+    def claim(self, entry: Entry, lease: float = DEFAULT_LEASE,
+              exact: bool = True) -> Claim | None:
         """Claim *entry* for sending; None if it is gone or claimed by a
-        live processor.
+        live processor.  (A Maildir's claims are always *exact*.)
 
         A claim whose lease expired (its processor died) is broken first.
         """
@@ -385,7 +465,9 @@ class Maildir:
 
         Removes files older than 36 hours from ``tmp/`` (left by writers
         that crashed before ``tpc_finish``: never sent), claims and retry
-        states whose message is gone, and adopts zope.sendmail's
+        states whose message is gone (a retry state is kept while its
+        message is still in ``tmp/``: one written by :meth:`schedule` for a
+        transaction not finished yet), and adopts zope.sendmail's
         ``.rejected-`` files into the failed area.
         """
         now = time.time() if now is None else now
@@ -405,7 +487,9 @@ class Maildir:
             for prefix in (CLAIM_PREFIX, RETRY_PREFIX):
                 if dotname.startswith(prefix):
                     base = dotname[len(prefix):]
-                    if (folder, base) not in names and not os.path.lexists(
+                    if (folder, base) not in names and not (
+                        prefix == RETRY_PREFIX and self._in_tmp(base)
+                    ) and not os.path.lexists(
                         os.path.join(folder, base)
                     ) and not is_folder(path):  # not ours; unlink() would fail
                         done += unlink(path)
@@ -419,6 +503,12 @@ class Maildir:
             if age > TMP_MAX_AGE:
                 done += unlink(dirent.path)
         return done
+
+
+    def _in_tmp(self, name: str) -> bool:
+        """Whether a message called *name* is being written in ``tmp/``
+        (looked at before ``new/``: the rename between them is atomic)."""
+        return os.path.lexists(os.path.join(self.tmp, name))
 
 
 class Claim:
@@ -440,9 +530,7 @@ class Claim:
     def read(self) -> bytes:
         """The queue file's contents.  Symbolic links are not followed, and a
         fifo (put in place of the file after the listing) is not waited on."""
-        fd = os.open(self.entry.path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
+        return self.maildir.read(self.entry)
 
     def renew(self) -> None:
         """Extend the lease (touch the claim)."""

@@ -58,6 +58,8 @@ from mailoutbox.retry import RetryPolicy
 from mailoutbox.sending import MessageSender
 from mailoutbox.sending import _MissingMailer
 from mailoutbox.sending import message_id_of
+from mailoutbox.stores import is_url
+from mailoutbox.stores import open_store
 from mailoutbox.wakeup import ALL
 from mailoutbox.wakeup import Wakeup
 from mailoutbox.workers import SKIPPED
@@ -240,8 +242,13 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         self.maildir = maildir
 
     def setQueuePath(self, path: str) -> None:
-        """Use the Maildir at *path*, creating it if needed."""
-        self.setMaildir(self.maildir_factory(path, create=True))
+        """Use the Maildir at *path*, creating it if needed, or the
+        PostgreSQL queue at the ``postgresql://`` URL *path* (see
+        :mod:`mailoutbox.stores`)."""
+        if is_url(path):
+            self.setMaildir(open_store(path))
+        else:
+            self.setMaildir(self.maildir_factory(path, create=True))
 
     # -- life cycle -----------------------------------------------------------
 
@@ -380,7 +387,8 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         every deferred message is attempted now, whatever the time of its
         next attempt (as Postfix's ``postqueue -f`` does); a message that
         fails again is deferred by the retry policy, its attempts counted.
-        Call
+        A message scheduled for later (``send(..., not_before=...)``) is not
+        attempted before its time, flush or not.  Call
         :meth:`stop` when done with the processor: the worker threads and
         connections are kept for the next pass until then.
         """

@@ -6,6 +6,9 @@ The states shown to people are:
     waiting for the next pass of a processor;
 ``deferred``
     kept back after a transient failure until its next attempt;
+``scheduled``
+    sent for a time still to come (``send(..., not_before=...)``) and
+    never tried yet; a processor counts it as deferred;
 ``sending``
     claimed by a processor right now;
 ``failed``
@@ -30,35 +33,48 @@ from mailoutbox.cli.errors import CLIError
 from mailoutbox.envelope import parse_queue_file
 from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
-from mailoutbox.relays import relay_folders
+from mailoutbox.schedule import PRIORITIES
+from mailoutbox.schedule import scheduled_for
+from mailoutbox.stores import is_url
+from mailoutbox.stores import open_store
 
 __all__ = [
     "STATES",
+    "WAITING",
     "Head",
     "MessageInfo",
     "QueueView",
     "clean",
     "format_age",
+    "format_priority",
     "format_time",
     "open_queue",
     "read_file",
     "read_head",
 ]
 
-STATES = ("queued", "deferred", "sending", "failed")
+STATES = ("queued", "deferred", "sending", "failed", "scheduled")
+#: The states of the messages waiting in the queue.
+WAITING = ("queued", "deferred", "scheduled", "sending")
 #: How much of a queue file is read to show its envelope and headers.
 HEAD_SIZE = 64 * 1024
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def open_queue(path: str) -> Maildir:
-    """The queue at *path*, or a :class:`CLIError` saying why not.
+def open_queue(path: str) -> Any:
+    """The queue (:class:`~mailoutbox.interfaces.IQueueStore`) at *path*
+    (a folder or a ``postgresql://`` URL), or a :class:`CLIError` saying
+    why not.
 
     A folder this process may not look into raises :class:`PermissionError`
     (the command reports ``Permission denied: PATH`` and exits with
     status 4) rather than passing for a missing queue or a folder that is
     not one.
     """
+    if is_url(path):
+        try:
+            return open_store(path)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     try:
         return Maildir(path)
     except ValueError:
@@ -106,6 +122,12 @@ def format_time(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
+def format_priority(priority: int) -> str:
+    """A priority for people: its name (``high``), else its number."""
+    names = {number: name for name, number in PRIORITIES.items()}
+    return names.get(priority, str(priority))
+
+
 @dataclass
 class Head:
     """The envelope and headers of a queue file (or why they are missing)."""
@@ -127,21 +149,19 @@ class Head:
         return value.strip().strip("<>") if value else None
 
 
-def read_file(entry: Entry, size: int = -1) -> bytes:
-    """The first *size* bytes of *entry* (all with -1); a symbolic link
-    is not followed."""
-    fd = os.open(entry.path, os.O_RDONLY | _O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        return f.read(size)
+def read_file(store: Any, entry: Entry, size: int = -1) -> bytes:
+    """The first *size* bytes of *entry* (all with -1) of *store*; a
+    symbolic link is not followed."""
+    return bytes(store.read(entry, size))
 
 
-def read_head(entry: Entry, size: int = HEAD_SIZE) -> Head:
-    """Read the envelope and headers of *entry*; symbolic links and other
-    odd files are not followed or read."""
+def read_head(store: Any, entry: Entry, size: int = HEAD_SIZE) -> Head:
+    """Read the envelope and headers of *entry* of *store*; symbolic links
+    and other odd files are not followed or read."""
     if not entry.regular:
         return Head(problem="not a regular file")
     try:
-        data = read_file(entry, size)
+        data = read_file(store, entry, size)
     except FileNotFoundError:
         return Head(problem="gone (sent or removed meanwhile)")
     except OSError as exc:
@@ -164,8 +184,8 @@ class MessageInfo:
     queued_at: float
     retry_at: float | None = None
     _head: Head | None = None
-    #: The folder the message is in: the queue, or a relay folder.
-    maildir: Maildir | None = None
+    #: The store of the message's lane: the queue, or a relay's.
+    maildir: Any = None
     #: The name of the relay (mailer) it is routed to; None: the default.
     relay: str | None = None
     _record: dict[str, Any] | None = None
@@ -177,7 +197,7 @@ class MessageInfo:
     @property
     def head(self) -> Head:
         if self._head is None:
-            self._head = read_head(self.entry)
+            self._head = read_head(self.maildir, self.entry)
         return self._head
 
     @property
@@ -191,6 +211,19 @@ class MessageInfo:
             read = maildir.reason if self.state == "failed" else maildir.retry_state
             self._record = read(self.entry) or {}
         return self._record
+
+    @property
+    def priority(self) -> int:
+        """Its priority (higher is sent first; 0 normal)."""
+        return int(self.maildir.priority(self.entry))  # type: ignore[union-attr]
+
+    @property
+    def scheduled_for(self) -> float | None:
+        """The time it was sent for (``not_before``), if it was never tried
+        since; else None."""
+        if self.state == "failed":
+            return None
+        return scheduled_for(self.record)
 
     def last_error(self) -> dict[str, Any]:
         """``attempts``, ``error``, ``code`` and ``server`` of the last
@@ -215,7 +248,10 @@ class MessageInfo:
             "state": self.state,
             "queued_at": self.queued_at,
             "age": round(max(0.0, now - self.queued_at), 3),
-            "next_attempt": self.retry_at if self.state == "deferred" else None,
+            "next_attempt": (self.retry_at if self.state in ("deferred", "scheduled")
+                             else None),
+            "not_before": self.scheduled_for,
+            "priority": self.priority,
             "message_id": head.message_id,
             "from": head.fromaddr,
             "to": list(head.toaddrs),
@@ -231,18 +267,6 @@ def _typed(record: dict[str, Any], key: str, kind: type) -> Any:
     return None
 
 
-def _queued_at(entry: Entry) -> float:
-    """When *entry* was queued: the time its name starts with (ours and
-    zope.sendmail's names do), else its modification time."""
-    prefix = entry.name.split(".", 1)[0]
-    if prefix.isdigit() and len(prefix) <= 12:
-        return float(prefix)
-    try:
-        return os.lstat(entry.path).st_mtime
-    except FileNotFoundError:
-        return time.time()
-
-
 class QueueView:
     """The messages of the queue at *path*, as of the moment it was made."""
 
@@ -250,18 +274,25 @@ class QueueView:
         self.maildir = open_queue(path)
         self.now = time.time() if now is None else now
         self.messages: list[MessageInfo] = []
-        #: The relay folders, by relay name.
-        self.relays: dict[str, Maildir] = {}
+        #: The stores of the relays, by relay name.
+        self.relays: dict[str, Any] = {}
         self._add(self.maildir, None)
-        for name, folder in relay_folders(self.maildir.path):
+        for name in self.maildir.relays():
             try:
-                maildir = Maildir(folder)
+                maildir = self.maildir.relay(name)
             except ValueError:  # not a Maildir: no processor reads it either
                 continue
             self.relays[name] = maildir
             self._add(maildir, name)
 
-    def _add(self, maildir: Maildir, relay: str | None) -> None:
+    @property
+    def location(self) -> str:
+        """The queue, for people: an absolute path, or a URL."""
+        if is_url(self.maildir.path):
+            return str(self.maildir.path)
+        return os.path.abspath(self.maildir.path)
+
+    def _add(self, maildir: Any, relay: str | None) -> None:
         scan = maildir.scan()
         for entry in scan.entries:
             retry_at = scan.retry_at.get(entry.name)
@@ -271,13 +302,15 @@ class QueueView:
                 state = "deferred"
             else:
                 state = "queued"
-            self.messages.append(MessageInfo(
-                entry, state, _queued_at(entry), retry_at, maildir=maildir,
-                relay=relay,
-            ))
+            info = MessageInfo(entry, state, maildir.queued_at(entry), retry_at,
+                               maildir=maildir, relay=relay)
+            if state == "deferred" and info.scheduled_for is not None:
+                info.state = "scheduled"
+            self.messages.append(info)
         for entry in maildir.failed_entries():
             self.messages.append(MessageInfo(
-                entry, "failed", _queued_at(entry), maildir=maildir, relay=relay,
+                entry, "failed", maildir.queued_at(entry), maildir=maildir,
+                relay=relay,
             ))
 
     def select(self, states: tuple[str, ...] | list[str],
