@@ -62,6 +62,9 @@ __all__ = [
 
 log = logging.getLogger("mailoutbox.postgresql")
 
+#: The longest NOTIFY channel name PostgreSQL accepts (NAMEDATALEN - 1).
+MAX_CHANNEL = 63
+
 #: Seconds to wait for a connection when the URL sets no ``connect_timeout``.
 CONNECT_TIMEOUT = 10
 
@@ -118,6 +121,11 @@ class QueueWriter:
         self.conninfo, self.table, self.options = parse(url)
         #: The URL to show: without the password.
         self.shown = display(url)
+        if len(self.table.encode()) > MAX_CHANNEL:
+            raise ValueError(
+                f"the queue table name {self.table!r} (in {self.shown}) is"
+                f" longer than {MAX_CHANNEL} characters, which PostgreSQL"
+                " allows in the name of the NOTIFY channel (the table's name)")
         if connection is not None and not callable(connection):
             raise TypeError(
                 "connection must be a callable that returns the current"
