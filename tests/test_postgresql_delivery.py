@@ -627,16 +627,18 @@ def test_a_failed_wakeup_is_only_a_warning(url, tm, caplog):
     with caplog.at_level(logging.WARNING, "mailoutbox.postgresql"), tm:
         message_id = delivery.send("shop@example.org", ["a@example.org"], MESSAGE)
         # after the first send(): a channel name PostgreSQL refuses
-        delivery.postgresql.table = "t" * 64
+        delivery.postgresql.channel = "t" * 64
     assert "could not notify" in caplog.text and message_id in caplog.text
     assert len(rows(url)) == 1
 
 
-def test_a_table_name_too_long_for_a_notify_channel():
-    # A schema-qualified name may be longer than PostgreSQL's 63 characters
-    # of a NOTIFY channel: pg_notify() would fail at every commit.
-    with pytest.raises(ValueError, match="longer than 63"):
-        QueuedMailDelivery(f"postgresql://h/db?table={'s' * 41}.{'t' * 41}")
+def test_table_names_fit_postgresqls_names_and_the_channel_is_the_bare_one():
+    # The table's own name is the NOTIFY channel; it and its "_schema"
+    # table must fit PostgreSQL's 63 characters.
+    with pytest.raises(ValueError, match="at most 56 characters"):
+        QueuedMailDelivery(f"postgresql://h/db?table={'t' * 57}")
+    delivery = QueuedMailDelivery(f"postgresql://h/db?table={'s' * 63}.{'t' * 56}")
+    assert delivery.postgresql.channel == "t" * 56
 
 
 # -- ZCML and Pyramid ------------------------------------------------------------

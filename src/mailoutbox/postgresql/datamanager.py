@@ -62,9 +62,6 @@ __all__ = [
 
 log = logging.getLogger("mailoutbox.postgresql")
 
-#: The longest NOTIFY channel name PostgreSQL accepts (NAMEDATALEN - 1).
-MAX_CHANNEL = 63
-
 #: Seconds to wait for a connection when the URL sets no ``connect_timeout``.
 CONNECT_TIMEOUT = 10
 
@@ -121,11 +118,9 @@ class QueueWriter:
         self.conninfo, self.table, self.options = parse(url)
         #: The URL to show: without the password.
         self.shown = display(url)
-        if len(self.table.encode()) > MAX_CHANNEL:
-            raise ValueError(
-                f"the queue table name {self.table!r} (in {self.shown}) is"
-                f" longer than {MAX_CHANNEL} characters, which PostgreSQL"
-                " allows in the name of the NOTIFY channel (the table's name)")
+        #: The NOTIFY channel: the table's own name (without its schema),
+        #: which schema.check_table_name() keeps short enough.
+        self.channel = self.table.split(".")[-1]
         if connection is not None and not callable(connection):
             raise TypeError(
                 "connection must be a callable that returns the current"
@@ -149,7 +144,7 @@ class QueueWriter:
                 "toaddrs": list(message.toaddrs), "message": message.data,
                 "message_id": message.message_id,
                 "not_before": message.not_before,
-                "priority": message.priority, "channel": self.table}
+                "priority": message.priority, "channel": self.channel}
 
     # -- send() -----------------------------------------------------------
 
@@ -439,7 +434,7 @@ class PostgreSQLDataManager(_DataManager):
         try:
             conn, _fresh = self.writer.own_connection()
             for relay in relays:
-                conn.execute("SELECT pg_notify(%s, %s)", (self.writer.table, relay))
+                conn.execute("SELECT pg_notify(%s, %s)", (self.writer.channel, relay))
             conn.commit()
         except Exception:
             log.warning("could not notify the processors of %s of message(s)"

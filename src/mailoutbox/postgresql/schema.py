@@ -51,7 +51,7 @@ MIGRATIONS: tuple[str, ...] = (
         claimed_until timestamptz,
         done_at timestamptz
     );
-    CREATE INDEX {index_due} ON {t} (relay, next_attempt, id)
+    CREATE INDEX {index_due_name} ON {t} (relay, next_attempt, id)
         WHERE state = 'queued';
     """,
     # version 2: scheduled sending and priorities
@@ -59,15 +59,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE {t} ADD COLUMN priority smallint NOT NULL DEFAULT 0,
                     ADD COLUMN not_before timestamptz;
     DROP INDEX {index_due};
-    CREATE INDEX {index_due} ON {t} (relay, priority DESC, id)
+    CREATE INDEX {index_due_name} ON {t} (relay, priority DESC, id)
         WHERE state = 'queued';
-    CREATE INDEX {index_done} ON {t} (done_at) WHERE state = 'sent';
+    CREATE INDEX {index_done_name} ON {t} (done_at) WHERE state = 'sent';
     """,
 )
 #: The version this code uses.
 VERSION = len(MIGRATIONS)
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}(\.[A-Za-z_][A-Za-z0-9_]{0,40})?$")
+# The table's own name, with "_schema" added, must fit in PostgreSQL's 63
+# characters; so must a schema's name.  The table's own name is also the
+# NOTIFY channel of the queue.
+_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,62}\.)?[A-Za-z_][A-Za-z0-9_]{0,55}$")
 
 
 class SchemaError(ValueError):
@@ -80,7 +83,8 @@ def check_table_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(
             f"invalid queue table name {name!r}: use letters, digits and"
-            " underscores (optionally schema.table), at most 41 characters")
+            " underscores (optionally schema.table), at most 56 characters"
+            " (63 for the schema)")
     return name
 
 
@@ -93,7 +97,10 @@ def _names(table: str) -> dict[str, Any]:
         "t": quoted,
         "schema": sql.Identifier(*parts[:-1], bare + "_schema"),
         "index_due": sql.Identifier(*parts[:-1], bare + "_due"),
-        "index_done": sql.Identifier(*parts[:-1], bare + "_done"),
+        # An index is made in its table's schema: CREATE INDEX takes a
+        # bare name, DROP INDEX a qualified one.
+        "index_due_name": sql.Identifier(bare + "_due"),
+        "index_done_name": sql.Identifier(bare + "_done"),
     }
 
 
