@@ -14,9 +14,9 @@ Entries are :class:`mailoutbox.maildir.Entry` objects whose ``folder`` is
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
-import logging
 import socket
 from typing import Any
 
@@ -64,39 +64,41 @@ def _id(entry: Entry) -> int:
 
 
 class _Queries:
-    """The SQL of one table, composed once."""
+    """The SQL of one table, composed once (``{t}`` is the table; ``{lane}``
+    selects the lane's rows, ``{free_due}`` those that may be claimed now,
+    ``{mine}`` the row of a claim while the claim holds)."""
 
     def __init__(self, table: str) -> None:
         from psycopg import sql
 
         t = sql.Identifier(*table.split("."))
 
-        def q(text: str) -> str:
-            return sql.SQL(text).format(t=t).as_string(None)
+        def q(text: str, **parts: str) -> str:
+            fragments = {k: sql.SQL(v) for k, v in parts.items()}
+            return sql.SQL(text).format(t=t, **fragments).as_string(None)
 
         free_due = ("state = 'queued' AND {lane} AND next_attempt <= now()"
                     " AND (claimed_until IS NULL OR claimed_until < now())")
         for suffix, lane in (("", "relay = %(relay)s"),
                              ("_default", "relay IS NULL")):
-            cond = free_due.format(lane=lane)
             setattr(self, "scan" + suffix, q(
                 "SELECT id, next_attempt > now(),"
                 " extract(epoch FROM next_attempt)::float8,"
                 " coalesce(claimed_until > now(), false)"
-                " FROM {t} WHERE state = 'queued' AND " + lane
-                + " ORDER BY priority DESC, id"))
+                " FROM {t} WHERE state = 'queued' AND {lane}"
+                " ORDER BY priority DESC, id", lane=lane))
             setattr(self, "claim" + suffix, q(
                 "UPDATE {t} SET claimed_by = %(by)s, claimed_until ="
                 " clock_timestamp() + %(lease)s * interval '1 second'"
                 " WHERE id = coalesce("
-                "(SELECT id FROM {t} WHERE id = %(id)s AND " + cond
-                + " FOR UPDATE SKIP LOCKED), "
-                "(SELECT id FROM {t} WHERE " + cond
-                + " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
-                " RETURNING id"))
+                "(SELECT id FROM {t} WHERE id = %(id)s AND {free_due}"
+                " FOR UPDATE SKIP LOCKED), "
+                "(SELECT id FROM {t} WHERE {free_due}"
+                " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
+                " RETURNING id", free_due=free_due.replace("{lane}", lane)))
             setattr(self, "failed" + suffix, q(
-                "SELECT id FROM {t} WHERE state = 'failed' AND " + lane
-                + " ORDER BY id"))
+                "SELECT id FROM {t} WHERE state = 'failed' AND {lane}"
+                " ORDER BY id", lane=lane))
         self.relays = q("SELECT DISTINCT relay FROM {t} WHERE state <> 'sent'"
                         " AND relay IS NOT NULL ORDER BY relay")
         self.find = q("SELECT state FROM {t} WHERE id = %s")
@@ -118,22 +120,24 @@ class _Queries:
         self.tidy = q("DELETE FROM {t} WHERE state = 'sent'"
                       " AND done_at < now() - %s * interval '1 day'")
         # The claim's own changes: only while the claim is the caller's.
-        mine = " WHERE id = %(id)s AND claimed_by = %(by)s"
+        mine = "id = %(id)s AND claimed_by = %(by)s"
         self.renew = q("UPDATE {t} SET claimed_until = clock_timestamp()"
-                       " + %(lease)s * interval '1 second'" + mine)
+                       " + %(lease)s * interval '1 second' WHERE {mine}",
+                       mine=mine)
         self.release = q("UPDATE {t} SET claimed_by = NULL,"
-                         " claimed_until = NULL" + mine)
-        self.delete = q("DELETE FROM {t}" + mine)
+                         " claimed_until = NULL WHERE {mine}", mine=mine)
+        self.delete = q("DELETE FROM {t} WHERE {mine}", mine=mine)
         self.sent = q("UPDATE {t} SET state = 'sent', done_at = now(),"
-                      " claimed_by = NULL, claimed_until = NULL" + mine)
+                      " claimed_by = NULL, claimed_until = NULL WHERE {mine}",
+                      mine=mine)
         self.defer = q("UPDATE {t} SET next_attempt = to_timestamp(%(at)s),"
                        " retry = %(state)s, claimed_by = NULL,"
-                       " claimed_until = NULL" + mine)
+                       " claimed_until = NULL WHERE {mine}", mine=mine)
         self.rewrite = q("UPDATE {t} SET fromaddr = %(from)s, toaddrs ="
-                         " %(to)s, message = %(message)s" + mine)
+                         " %(to)s, message = %(message)s WHERE {mine}", mine=mine)
         self.fail = q("UPDATE {t} SET state = 'failed', reason = %(reason)s,"
                       " retry = NULL, claimed_by = NULL, claimed_until = NULL"
-                      + mine)
+                      " WHERE {mine}", mine=mine)
         self.split = q(
             "INSERT INTO {t} (relay, fromaddr, toaddrs, message, message_id,"
             " queued_at, state, reason, priority, not_before)"
@@ -280,7 +284,8 @@ class PostgreSQLQueue:
         from psycopg.types.json import Jsonb
 
         if self._one(self.sql.to_failed, (Jsonb(reason), _id(entry))) is None:
-            raise FileNotFoundError(f"message {entry.name} is not queued in {self.path}")
+            raise FileNotFoundError(
+                f"message {entry.name} is not queued in {self.path}")
         return Entry(FAILED, entry.name)
 
     def requeue(self, entry: Entry) -> Entry:
