@@ -466,6 +466,7 @@ def test_watcher_start_fails_without_a_server(pg_server, caplog):
     assert "cannot listen for new messages" in caplog.text
 
 
+@pytest.mark.slow
 def test_watcher_start_gives_up_on_a_silent_server(caplog):
     import socket
 
