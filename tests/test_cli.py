@@ -556,7 +556,6 @@ def test_reference_of_a_parser_without_description():
 
 
 def test_the_age_of_a_vanished_message_is_now(tmp_path):
-    from mailoutbox.cli.view import _queued_at
-
     before = time.time()
-    assert _queued_at(Entry(str(tmp_path), "oddname")) >= before
+    queue = Maildir(str(tmp_path / "q"), create=True)
+    assert queue.queued_at(Entry(str(tmp_path), "oddname")) >= before

@@ -215,11 +215,11 @@ def test_reading_a_message_that_vanished_or_cannot_be_read(queue_path):
     from mailoutbox.maildir import Entry
 
     maildir = Maildir(queue_path, create=True)
-    head = read_head(Entry(maildir.new, "gone"))
+    head = read_head(maildir, Entry(maildir.new, "gone"))
     assert head.problem == "gone (sent or removed meanwhile)"
     assert head.message_id is None and head.header("Subject") is None
     os.mkdir(os.path.join(maildir.new, "adir"))
-    assert read_head(Entry(maildir.new, "adir")).problem == "Is a directory"
+    assert read_head(maildir, Entry(maildir.new, "adir")).problem == "Is a directory"
 
 
 # -- show -----------------------------------------------------------------------

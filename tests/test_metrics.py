@@ -242,14 +242,11 @@ def test_the_thread_counts_failed_passes_and_is_up_while_it_runs(
         queue_path, smtp_server, caplog):
     processor = make_processor(queue_path, smtp_server)
     open_relay(queue_path, "crm", create=True)
-    real_factory = processor.maildir_factory
 
-    def factory(path, create=False):
-        if "relays" in path:
-            raise RuntimeError("cannot open relay folders")
-        return real_factory(path, create)
+    def relay(name, create=False):
+        raise RuntimeError("cannot open relay folders")
 
-    processor.maildir_factory = factory
+    processor.maildir.relay = relay
     os.rmdir(processor.maildir.new)
     with open(processor.maildir.new, "w"):
         pass

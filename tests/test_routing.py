@@ -593,17 +593,18 @@ def test_relay_errors_in_one_pass_are_logged_and_the_others_go_on(
 def test_the_refresh_errors_of_the_thread_are_logged(queue_path, servers,
                                                     make_processor, caplog,
                                                     monkeypatch):
-    import mailoutbox.lanes
 
     calls = []
 
-    def broken(path):
-        calls.append(path)
+    real = Maildir.relays
+
+    def broken(self):
+        calls.append(self.path)
         if len(calls) == 1:
             raise PermissionError("cannot list relays/")
-        return relays.relay_folders(path)
+        return real(self)
 
-    monkeypatch.setattr(mailoutbox.lanes, "relay_folders", broken)
+    monkeypatch.setattr(Maildir, "relays", broken)
     route(queue_path, "fast", 1)
     processor = make_processor(servers, interval=0.01)
     processor.start()

@@ -475,7 +475,8 @@ def test_a_watcher_that_fails_to_start_leaves_polling(queue_path, monkeypatch,
 
     processor = QueueProcessorThread(60)
     processor.setQueuePath(queue_path)
-    monkeypatch.setattr(wakeup.Wakeup, "watcher_factory", Broken)
+    monkeypatch.setattr(wakeup.Wakeup, "watcher_factory", staticmethod(
+        lambda store, wake, name: Broken(store.key, wake, name=name)))
     handle = wakeup.Wakeup(processor)
     handle.start()
     try:

@@ -712,7 +712,7 @@ class IQueueStore(Interface):
         they should be sent, ``retry_at`` maps the names of deferred ones to
         their next attempt and ``claimed`` holds the names being sent."""
 
-    def claim(entry, lease):
+    def claim(entry, lease, exact=False):
         """Claim *entry* for sending for *lease* seconds: an
         :class:`IQueueClaim`, or None if it is gone or claimed by a live
         processor (a claim whose lease ran out is broken first).
@@ -720,8 +720,9 @@ class IQueueStore(Interface):
         A store drained by many processors at once may claim another due
         message of the lane instead of *entry* when *entry* is taken (the
         claim's ``entry`` says which), so that processors listing the same
-        lane do not contend for the same messages.  PermissionError means
-        the entry may not be claimed by this process."""
+        lane do not contend for the same messages; with *exact* (repairs),
+        only *entry*, due or not.  PermissionError means the entry may not
+        be claimed by this process."""
 
     def recover():
         """Finish what a crash cut short before a listing (e.g. roll

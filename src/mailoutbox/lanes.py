@@ -41,10 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailoutbox._commit import roll_forward
-from mailoutbox.maildir import Maildir
 from mailoutbox.ratelimit import relay_limits
-from mailoutbox.relays import relay_folders
 from mailoutbox.wakeup import WakeRequests
 from mailoutbox.workers import Heartbeat
 from mailoutbox.workers import Pass
@@ -62,7 +59,7 @@ class Lane:
     """One folder of the queue, its worker threads and its current pass."""
 
     name: str | None  # the relay's mailer name; None for the queue itself
-    maildir: Maildir
+    maildir: Any  # its IQueueStore
     pool: WorkerPool | None = None
     job: Pass | None = None
     connections_open: bool = False  # the pool's workers may have some
@@ -124,16 +121,16 @@ class Lanes:
             main.maildir = processor.maildir  # setMaildir() was called
         self._ending = [pool for pool in self._ending if pool.alive()]
         found = set()
-        for name, path in relay_folders(processor.maildir.path):
+        for name in processor.maildir.relays():
             found.add(name)
             if name in self.lanes:
                 continue
             try:
-                maildir = processor.maildir_factory(path)
+                maildir = processor.maildir.relay(name)
             except ValueError as exc:
                 if name not in self._unusable:
-                    processor.log.warning("ignoring the relay folder %s: %s",
-                                          path, exc)
+                    processor.log.warning("ignoring the relay %r of %s: %s",
+                                          name, processor.maildir.path, exc)
                     self._unusable.add(name)
                 continue
             self.lanes[name] = Lane(name, maildir)
@@ -166,7 +163,7 @@ class Lanes:
         are raised (the lane is then idle)."""
         processor = self.processor
         maildir = lane.maildir
-        roll_forward(maildir)  # transactions that a crash cut short
+        maildir.recover()  # transactions that a crash cut short
         scan = maildir.scan()
         processor.metrics.listed(lane.name, maildir, scan, clock())
         try:

@@ -37,6 +37,7 @@ from typing import Any
 from zope.interface import implementer
 from zope.interface import provider
 
+from mailoutbox._commit import roll_forward
 from mailoutbox._files import DIR_MODE
 from mailoutbox._files import FILE_MODE
 from mailoutbox._files import O_NOFOLLOW
@@ -50,6 +51,7 @@ from mailoutbox._files import write_json_atomically
 from mailoutbox._writer import MaildirMessageWriter
 from mailoutbox.interfaces import IMaildir
 from mailoutbox.interfaces import IMaildirFactory
+from mailoutbox.interfaces import IQueueStore
 
 __all__ = [
     "CLAIM_PREFIX",
@@ -134,9 +136,10 @@ class Scan:
 
 
 @provider(IMaildirFactory)
-@implementer(IMaildir)
+@implementer(IMaildir, IQueueStore)
 class Maildir:
-    """See :class:`mailoutbox.interfaces.IMaildir`."""
+    """See :class:`mailoutbox.interfaces.IMaildir` and
+    :class:`mailoutbox.interfaces.IQueueStore`."""
 
     #: Whether this call created the queue (its folder, or the ``tmp/``,
     #: ``new/`` and ``cur/`` folders in an empty directory); False when it
@@ -199,6 +202,37 @@ class Maildir:
 
     def __repr__(self) -> str:
         return f"<Maildir {self.path!r}>"
+
+    @property
+    def key(self) -> str:
+        """The queue's real path (see :class:`~mailoutbox.interfaces.IQueueStore`)."""
+        return os.path.realpath(self.path)
+
+    # -- the lanes of the queue: its relay folders ----------------------------
+
+    def relays(self) -> list[str]:
+        """The names of the relay folders (:mod:`mailoutbox.relays`)."""
+        from mailoutbox.relays import relay_folders
+        return [name for name, _path in relay_folders(self.path)]
+
+    def relay(self, name: str, create: bool = False) -> Maildir:
+        """The Maildir of the relay folder of *name*."""
+        from mailoutbox.relays import relay_path
+        if create:
+            from mailoutbox.relays import open_relay
+            return open_relay(self.path, name, create=True)
+        return type(self)(relay_path(self.path, name))
+
+    def recover(self) -> int:
+        """Roll forward the transactions a crash cut short in ``tpc_finish``
+        (see :mod:`mailoutbox._commit`)."""
+        return roll_forward(self)
+
+    def watcher(self, on_wake: Any, name: str) -> Any:
+        """An inotify watcher of ``new/`` of the queue and of its relay
+        folders (:class:`mailoutbox.wakeup.FolderWatcher`)."""
+        from mailoutbox.wakeup import FolderWatcher
+        return FolderWatcher(self.key, on_wake, name=name)
 
     # -- writing ------------------------------------------------------------
 
@@ -282,6 +316,24 @@ class Maildir:
                 return Entry(folder, name)
         return None
 
+    def read(self, entry: Entry, size: int = -1) -> bytes:
+        """The first *size* bytes of *entry* (all with -1); a symbolic link
+        is not followed, nor a fifo waited on."""
+        fd = os.open(entry.path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(size)
+
+    def queued_at(self, entry: Entry) -> float:
+        """When *entry* was queued: the time its name starts with (ours and
+        zope.sendmail's names do), else its modification time."""
+        prefix = entry.name.split(".", 1)[0]
+        if prefix.isdigit() and len(prefix) <= 12:
+            return float(prefix)
+        try:
+            return os.lstat(entry.path).st_mtime
+        except FileNotFoundError:
+            return time.time()
+
     def reason(self, entry: Entry) -> dict[str, Any] | None:
         """Why a failed message failed."""
         return read_json(entry.sidecar(REASON_PREFIX))
@@ -292,9 +344,10 @@ class Maildir:
 
     # -- claiming -------------------------------------------------------------
 
-    def claim(self, entry: Entry, lease: float = DEFAULT_LEASE) -> Claim | None:
+    def claim(self, entry: Entry, lease: float = DEFAULT_LEASE,
+              exact: bool = True) -> Claim | None:
         """Claim *entry* for sending; None if it is gone or claimed by a
-        live processor.
+        live processor.  (A Maildir's claims are always *exact*.)
 
         A claim whose lease expired (its processor died) is broken first.
         """
@@ -440,9 +493,7 @@ class Claim:
     def read(self) -> bytes:
         """The queue file's contents.  Symbolic links are not followed, and a
         fifo (put in place of the file after the listing) is not waited on."""
-        fd = os.open(self.entry.path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
+        return self.maildir.read(self.entry)
 
     def renew(self) -> None:
         """Extend the lease (touch the claim)."""

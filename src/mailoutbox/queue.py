@@ -58,6 +58,8 @@ from mailoutbox.retry import RetryPolicy
 from mailoutbox.sending import MessageSender
 from mailoutbox.sending import _MissingMailer
 from mailoutbox.sending import message_id_of
+from mailoutbox.stores import is_url
+from mailoutbox.stores import open_store
 from mailoutbox.wakeup import ALL
 from mailoutbox.wakeup import Wakeup
 from mailoutbox.workers import SKIPPED
@@ -240,8 +242,13 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         self.maildir = maildir
 
     def setQueuePath(self, path: str) -> None:
-        """Use the Maildir at *path*, creating it if needed."""
-        self.setMaildir(self.maildir_factory(path, create=True))
+        """Use the Maildir at *path*, creating it if needed, or the
+        PostgreSQL queue at the ``postgresql://`` URL *path* (see
+        :mod:`mailoutbox.stores`)."""
+        if is_url(path):
+            self.setMaildir(open_store(path))
+        else:
+            self.setMaildir(self.maildir_factory(path, create=True))
 
     # -- life cycle -----------------------------------------------------------
 

@@ -51,6 +51,7 @@ __all__ = [
     "Wakeup",
     "committed",
     "inotify_init",
+    "key_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -357,8 +358,11 @@ class Wakeup:
     and its :class:`FolderWatcher`.  :meth:`start` when the processor's
     thread starts, :meth:`stop` when it ends."""
 
-    #: The class of the watcher (a seam: None watches nothing).
-    watcher_factory: Callable[..., FolderWatcher] | None = FolderWatcher
+    #: Makes the watcher of a store: ``(store, on_wake, name)`` (a seam:
+    #: None watches nothing).  By default, the store's own
+    #: (:meth:`~mailoutbox.interfaces.IQueueStore.watcher`).
+    watcher_factory: Callable[..., Any] | None = staticmethod(
+        lambda store, on_wake, name: store.watcher(on_wake, name))
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
@@ -366,11 +370,13 @@ class Wakeup:
         self.key: str | None = None
 
     def start(self) -> None:
-        self.key = os.path.realpath(self.processor.queuePath)
+        store = self.processor.maildir
+        self.key = store.key
+        watcher = None
         if self.watcher_factory is not None:
-            watcher = self.watcher_factory(
-                self.key, self.processor.wake,
-                name=f"{self.processor.name}-wakeup")
+            watcher = self.watcher_factory(store, self.processor.wake,
+                                           f"{self.processor.name}-wakeup")
+        if watcher is not None:
             try:
                 if watcher.start():
                     self.watcher = watcher
@@ -403,6 +409,15 @@ class Wakeup:
             self.processor.wake(wanted)
 
 
+def key_of(queue_path: str) -> str:
+    """The key of the queue at *queue_path* (see
+    :class:`~mailoutbox.interfaces.IQueueStore`): a folder's real path; a
+    URL is taken to be a store's key already."""
+    if "://" in queue_path:
+        return queue_path
+    return os.path.realpath(queue_path)
+
+
 def committed(queue_path: str, names: Iterable[str | None]) -> None:
     """Messages were just queued in the folders *names* (lane names, None:
     the queue itself) of the queue at *queue_path*: wake the processors of
@@ -412,7 +427,7 @@ def committed(queue_path: str, names: Iterable[str | None]) -> None:
     try:
         names = list(names)
         with _registry_lock:
-            handles = list(_registry.get(os.path.realpath(queue_path), ()))
+            handles = list(_registry.get(key_of(queue_path), ()))
         for handle in handles:
             handle.committed(names)
     except Exception:

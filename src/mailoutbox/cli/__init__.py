@@ -45,7 +45,7 @@ PROG = "mailoutbox"
 
 DESCRIPTION = """\
 Send the mail that applications queued with mailoutbox (or zope.sendmail),
-and look after the queue: count, list, show, retry and purge messages.
+and look after the queue: count, list, show, retry, purge and move messages.
 """
 
 EPILOG = """\
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the parser of the ``mailoutbox`` command and its subcommands."""
     from mailoutbox.cli import demo
     from mailoutbox.cli import init
+    from mailoutbox.cli import move
     from mailoutbox.cli import repair
     from mailoutbox.cli import run
     from mailoutbox.cli import send
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_parsers(commands)
     repair.add_parsers(commands)
     send.add_parser(commands)
+    move.add_parser(commands)
     demo.add_parser(commands)
     return parser
 

@@ -143,7 +143,7 @@ def _retry_one(view: QueueView, message: MessageInfo, console: Console) -> int:
         else:
             console.note(f"{message.name}: already queued")
         return 0
-    claim = maildir.claim(message.entry, lease=NEVER_STALE)
+    claim = maildir.claim(message.entry, lease=NEVER_STALE, exact=True)
     if claim is None:
         console.note(f"{message.name}: being sent now; left alone")
         return 0
@@ -185,7 +185,7 @@ def _purge_one(view: QueueView, message: MessageInfo, console: Console) -> int:
     if message.state == "failed":
         maildir.purge(message.entry)
     else:
-        claim = maildir.claim(message.entry, lease=NEVER_STALE)
+        claim = maildir.claim(message.entry, lease=NEVER_STALE, exact=True)
         if claim is None:
             console.note(f"{message.name}: being sent now; left alone")
             return 0

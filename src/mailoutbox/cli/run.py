@@ -47,6 +47,7 @@ from mailoutbox.cli.progress import Progress
 from mailoutbox.cli.view import clean
 from mailoutbox.queue import DEFAULT_CONCURRENCY
 from mailoutbox.relays import relay_folders
+from mailoutbox.stores import is_url
 
 __all__ = [
     "ErrorCounter",
@@ -295,6 +296,8 @@ def check_access(path: str) -> None:
     at *path* (its own folders, and those of its relay folders) in which
     this process may not create, rename and delete files: a processor could
     not claim a single message there."""
+    if is_url(path):
+        return  # the database's permissions apply
     queues = [path, *(folder for _name, folder in relay_folders(path))]
     for queue in queues:
         for folder in (queue, *(os.path.join(queue, sub)

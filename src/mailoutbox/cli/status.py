@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 from mailoutbox.cli.common import add_common_arguments
@@ -112,7 +111,7 @@ def status_data(view: QueueView) -> dict[str, Any]:
     the queue has relay folders, those of each under ``relays``."""
     data = {
         "version": JSON_VERSION,
-        "queue": os.path.abspath(view.maildir.path),
+        "queue": view.location,
         "time": view.now,
         **_summary(view, view.messages),
     }
@@ -169,7 +168,7 @@ def list_messages(args: argparse.Namespace, console: Console) -> int:
         console.out(json.dumps(
             {
                 "version": JSON_VERSION,
-                "queue": os.path.abspath(view.maildir.path),
+                "queue": view.location,
                 "time": view.now,
                 "messages": [m.as_dict(view.now) for m in messages],
             },
@@ -290,7 +289,7 @@ def show_data(view: QueueView, message: MessageInfo) -> dict[str, Any]:
     headers = message.head.headers
     return {
         "version": JSON_VERSION,
-        "queue": os.path.abspath(view.maildir.path),
+        "queue": view.location,
         "time": view.now,
         **message.as_dict(view.now),
         "file": message.entry.path,
@@ -305,7 +304,8 @@ def _show_raw(message: MessageInfo, console: Console) -> int:
     if message.head.problem:
         raise CLIError(f"cannot show {message.name}: {message.head.problem}",
                        EXIT_ERROR)
-    _from, _to, body = parse_queue_file(read_file(message.entry))
+    _from, _to, body = parse_queue_file(read_file(message.maildir,
+                                                  message.entry))
     console.stdout.flush()
     buffer = getattr(console.stdout, "buffer", None)
     if buffer is not None:

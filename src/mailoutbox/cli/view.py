@@ -30,7 +30,8 @@ from mailoutbox.cli.errors import CLIError
 from mailoutbox.envelope import parse_queue_file
 from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
-from mailoutbox.relays import relay_folders
+from mailoutbox.stores import is_url
+from mailoutbox.stores import open_store
 
 __all__ = [
     "STATES",
@@ -48,17 +49,23 @@ __all__ = [
 STATES = ("queued", "deferred", "sending", "failed")
 #: How much of a queue file is read to show its envelope and headers.
 HEAD_SIZE = 64 * 1024
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def open_queue(path: str) -> Maildir:
-    """The queue at *path*, or a :class:`CLIError` saying why not.
+def open_queue(path: str) -> Any:
+    """The queue (:class:`~mailoutbox.interfaces.IQueueStore`) at *path*
+    (a folder or a ``postgresql://`` URL), or a :class:`CLIError` saying
+    why not.
 
     A folder this process may not look into raises :class:`PermissionError`
     (the command reports ``Permission denied: PATH`` and exits with
     status 4) rather than passing for a missing queue or a folder that is
     not one.
     """
+    if is_url(path):
+        try:
+            return open_store(path)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     try:
         return Maildir(path)
     except ValueError:
@@ -127,21 +134,19 @@ class Head:
         return value.strip().strip("<>") if value else None
 
 
-def read_file(entry: Entry, size: int = -1) -> bytes:
-    """The first *size* bytes of *entry* (all with -1); a symbolic link
-    is not followed."""
-    fd = os.open(entry.path, os.O_RDONLY | _O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        return f.read(size)
+def read_file(store: Any, entry: Entry, size: int = -1) -> bytes:
+    """The first *size* bytes of *entry* (all with -1) of *store*; a
+    symbolic link is not followed."""
+    return bytes(store.read(entry, size))
 
 
-def read_head(entry: Entry, size: int = HEAD_SIZE) -> Head:
-    """Read the envelope and headers of *entry*; symbolic links and other
-    odd files are not followed or read."""
+def read_head(store: Any, entry: Entry, size: int = HEAD_SIZE) -> Head:
+    """Read the envelope and headers of *entry* of *store*; symbolic links
+    and other odd files are not followed or read."""
     if not entry.regular:
         return Head(problem="not a regular file")
     try:
-        data = read_file(entry, size)
+        data = read_file(store, entry, size)
     except FileNotFoundError:
         return Head(problem="gone (sent or removed meanwhile)")
     except OSError as exc:
@@ -164,8 +169,8 @@ class MessageInfo:
     queued_at: float
     retry_at: float | None = None
     _head: Head | None = None
-    #: The folder the message is in: the queue, or a relay folder.
-    maildir: Maildir | None = None
+    #: The store of the message's lane: the queue, or a relay's.
+    maildir: Any = None
     #: The name of the relay (mailer) it is routed to; None: the default.
     relay: str | None = None
     _record: dict[str, Any] | None = None
@@ -177,7 +182,7 @@ class MessageInfo:
     @property
     def head(self) -> Head:
         if self._head is None:
-            self._head = read_head(self.entry)
+            self._head = read_head(self.maildir, self.entry)
         return self._head
 
     @property
@@ -231,18 +236,6 @@ def _typed(record: dict[str, Any], key: str, kind: type) -> Any:
     return None
 
 
-def _queued_at(entry: Entry) -> float:
-    """When *entry* was queued: the time its name starts with (ours and
-    zope.sendmail's names do), else its modification time."""
-    prefix = entry.name.split(".", 1)[0]
-    if prefix.isdigit() and len(prefix) <= 12:
-        return float(prefix)
-    try:
-        return os.lstat(entry.path).st_mtime
-    except FileNotFoundError:
-        return time.time()
-
-
 class QueueView:
     """The messages of the queue at *path*, as of the moment it was made."""
 
@@ -250,18 +243,25 @@ class QueueView:
         self.maildir = open_queue(path)
         self.now = time.time() if now is None else now
         self.messages: list[MessageInfo] = []
-        #: The relay folders, by relay name.
-        self.relays: dict[str, Maildir] = {}
+        #: The stores of the relays, by relay name.
+        self.relays: dict[str, Any] = {}
         self._add(self.maildir, None)
-        for name, folder in relay_folders(self.maildir.path):
+        for name in self.maildir.relays():
             try:
-                maildir = Maildir(folder)
+                maildir = self.maildir.relay(name)
             except ValueError:  # not a Maildir: no processor reads it either
                 continue
             self.relays[name] = maildir
             self._add(maildir, name)
 
-    def _add(self, maildir: Maildir, relay: str | None) -> None:
+    @property
+    def location(self) -> str:
+        """The queue, for people: an absolute path, or a URL."""
+        if is_url(self.maildir.path):
+            return str(self.maildir.path)
+        return os.path.abspath(self.maildir.path)
+
+    def _add(self, maildir: Any, relay: str | None) -> None:
         scan = maildir.scan()
         for entry in scan.entries:
             retry_at = scan.retry_at.get(entry.name)
@@ -272,12 +272,13 @@ class QueueView:
             else:
                 state = "queued"
             self.messages.append(MessageInfo(
-                entry, state, _queued_at(entry), retry_at, maildir=maildir,
+                entry, state, maildir.queued_at(entry), retry_at, maildir=maildir,
                 relay=relay,
             ))
         for entry in maildir.failed_entries():
             self.messages.append(MessageInfo(
-                entry, "failed", _queued_at(entry), maildir=maildir, relay=relay,
+                entry, "failed", maildir.queued_at(entry), maildir=maildir,
+                relay=relay,
             ))
 
     def select(self, states: tuple[str, ...] | list[str],

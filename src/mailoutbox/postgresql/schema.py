@@ -18,8 +18,15 @@ import re
 import zlib
 from typing import Any
 
-__all__ = ["MIGRATIONS", "SchemaError", "VERSION", "check", "check_table_name",
-           "init", "version_of"]
+__all__ = [
+    "MIGRATIONS",
+    "VERSION",
+    "SchemaError",
+    "check",
+    "check_table_name",
+    "init",
+    "version_of",
+]
 
 #: The DDL of each version, in order; ``{t}`` is the quoted table name,
 #: ``{name}`` its bare name (for index names), ``{schema}`` the quoted
@@ -94,7 +101,7 @@ def version_of(conn: Any, table: str) -> int:
     """The schema version of the queue *table* (0: none)."""
     from psycopg import sql
     names = _names(table)
-    regclass = ".".join(table.split(".")[:-1] + [table.split(".")[-1] + "_schema"])
+    regclass = table + "_schema"
     row = conn.execute("SELECT to_regclass(%s)", (regclass,)).fetchone()
     if row is None or row[0] is None:
         return 0

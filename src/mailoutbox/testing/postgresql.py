@@ -31,8 +31,9 @@ def find_bindir() -> str | None:
     pg_config = shutil.which("pg_config")
     if pg_config:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True,  # nosec B603
-                                 text=True, check=True, timeout=30).stdout.strip()
+            out = subprocess.run(  # noqa: S603 - PostgreSQL's pg_config
+                [pg_config, "--bindir"], capture_output=True, text=True,
+                check=True, timeout=30).stdout.strip()
             candidates.insert(0, out)
     initdb = shutil.which("initdb")
     if initdb:
@@ -78,7 +79,8 @@ class PostgreSQLServer:
 
     @property
     def data(self) -> str:
-        assert self.folder is not None  # nosec B101 - started
+        if self.folder is None:
+            raise RuntimeError("the server is not started")
         return os.path.join(self.folder, "data")
 
     @property
@@ -94,7 +96,7 @@ class PostgreSQLServer:
     def _run(self, *args: str, check: bool = True,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
         program = os.path.join(str(self.bindir), args[0])
-        return subprocess.run(  # nosec B603 - our own arguments
+        return subprocess.run(  # noqa: S603 - PostgreSQL's own programs
             [program, *args[1:]], capture_output=True, text=True, check=check,
             timeout=timeout, user=self._run_as, cwd=self.folder,
             env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"})
