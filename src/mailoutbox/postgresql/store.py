@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from typing import Any
 
 from zope.interface import implementer
@@ -42,6 +43,10 @@ log = logging.getLogger("mailoutbox.postgresql")
 QUEUE = "queue"
 #: The ``folder`` of failed entries.
 FAILED = "failed"
+
+#: The longest lease (seconds, about 30 years): an infinite lease (a repair
+#: that must never be broken) is that long.
+MAX_LEASE = 1e9
 
 _HOLDER = f"{socket.gethostname()}:{{pid}}"
 
@@ -99,6 +104,11 @@ class _Queries:
             setattr(self, "failed" + suffix, q(
                 "SELECT id FROM {t} WHERE state = 'failed' AND {lane}"
                 " ORDER BY id", lane=lane))
+        self.claim_exact = q(
+            "UPDATE {t} SET claimed_by = %(by)s, claimed_until ="
+            " clock_timestamp() + %(lease)s * interval '1 second'"
+            " WHERE id = %(id)s AND state = 'queued'"
+            " AND (claimed_until IS NULL OR claimed_until < now()) RETURNING id")
         self.relays = q("SELECT DISTINCT relay FROM {t} WHERE state <> 'sent'"
                         " AND relay IS NOT NULL ORDER BY relay")
         self.find = q("SELECT state FROM {t} WHERE id = %s")
@@ -203,13 +213,17 @@ class PostgreSQLQueue:
                 scan.claimed.add(name)
         return scan
 
-    def claim(self, entry: Entry, lease: float) -> PostgreSQLClaim | None:
+    def claim(self, entry: Entry, lease: float,
+              exact: bool = False) -> PostgreSQLClaim | None:
         """See :class:`mailoutbox.interfaces.IQueueStore`: *entry* if it is
-        due and free, else the next due and free message of the lane."""
+        due and free, else the next due and free message of the lane; with
+        *exact*, *entry* if it is free, due or not."""
         holder = _holder()
-        params = {"by": holder, "lease": float(lease), "relay": self.lane,
+        params = {"by": holder, "lease": min(float(lease), MAX_LEASE),
+                  "relay": self.lane,
                   "id": int(entry.name) if entry.name.isdigit() else 0}
-        row = self._one(self._lane("claim"), params)
+        row = self._one(self.sql.claim_exact if exact else self._lane("claim"),
+                        params)
         if row is None:
             return None
         return PostgreSQLClaim(self, Entry(QUEUE, str(row[0])), holder, lease)
@@ -266,7 +280,11 @@ class PostgreSQLQueue:
         return row[0]
 
     def queued_at(self, entry: Entry) -> float:
-        return float(self._value(self.sql.queued_at, entry))
+        """When *entry* was queued (now if it is gone)."""
+        try:
+            return float(self._value(self.sql.queued_at, entry))
+        except FileNotFoundError:
+            return time.time()
 
     def reason(self, entry: Entry) -> dict[str, Any] | None:
         try:
@@ -319,7 +337,7 @@ class PostgreSQLClaim:
         self.store = store
         self.entry = entry
         self.holder = holder
-        self.lease = lease
+        self.lease = min(float(lease), MAX_LEASE)
         self._params = {"id": int(entry.name), "by": holder}
 
     def __repr__(self) -> str:
@@ -340,7 +358,7 @@ class PostgreSQLClaim:
         import psycopg
 
         try:
-            self._mine(self.store.sql.renew, lease=float(self.lease))
+            self._mine(self.store.sql.renew, lease=self.lease)
         except psycopg.Error as exc:
             log.warning("could not renew the claim of message %s in %s: %s",
                         self.entry.name, self.store.path, exc)
