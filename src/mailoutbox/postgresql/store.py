@@ -103,7 +103,8 @@ class _Queries:
                 " FOR UPDATE SKIP LOCKED), "
                 "(SELECT id FROM {t} WHERE {free_due}"
                 " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
-                " RETURNING id, fromaddr, toaddrs, message", free_due=free_due.replace("{lane}", lane)))
+                " RETURNING id, fromaddr, toaddrs, message",
+                free_due=free_due.replace("{lane}", lane)))
             setattr(self, "failed" + suffix, q(
                 "SELECT id FROM {t} WHERE state = 'failed' AND {lane}"
                 " ORDER BY id", lane=lane))
