@@ -99,12 +99,16 @@ class _Queries:
                 "UPDATE {t} SET claimed_by = %(by)s, claimed_until ="
                 " clock_timestamp() + %(lease)s * interval '1 second'"
                 " WHERE id = coalesce("
-                "(SELECT id FROM {t} WHERE id = %(id)s AND {free_due}"
+                "(SELECT id FROM {t} WHERE id = %(id)s AND {free_row}"
                 " FOR UPDATE SKIP LOCKED), "
                 "(SELECT id FROM {t} WHERE {free_due}"
                 " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
                 " RETURNING id, fromaddr, toaddrs, message",
-                free_due=free_due.replace("{lane}", lane)))
+                free_due=free_due.replace("{lane}", lane),
+                # (Not "relay = ...": found by the primary key, never by
+                # scanning the lane's index; relay names are never empty.)
+                free_row=free_due.replace(
+                    "{lane}", "coalesce(relay, '') = coalesce(%(relay)s, '')")))
             setattr(self, "failed" + suffix, q(
                 "SELECT id FROM {t} WHERE state = 'failed' AND {lane}"
                 " ORDER BY id", lane=lane))
@@ -232,10 +236,9 @@ class PostgreSQLQueue:
         def work(conn: Any) -> Any:
             # A claim need not wait for the disk: if a crash of the database
             # loses it, the message is still queued (and was in flight).
-            with conn.pipeline(), conn.transaction():
+            with conn.transaction():
                 conn.execute(_NO_WAIT)
-                cursor = conn.execute(query, params)
-            return cursor.fetchone()
+                return conn.execute(query, params).fetchone()
         row = self.connections.run(work)
         if row is None:
             return None
