@@ -140,6 +140,7 @@ def run(*argv):
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
+@pytest.mark.slow
 def test_status_and_list(filled):
     url, _store, (queued, relayed, deferred, failed) = filled
     code, out, err = run("status", url, "--json")
