@@ -14,9 +14,11 @@ manager) and ``QueueProcessorThread`` (from :mod:`mailoutbox.queue`).
 """
 from __future__ import annotations
 
+import datetime
 import email.message
 import logging
 import sys
+import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -44,6 +46,8 @@ from mailoutbox.message import prepare_message
 from mailoutbox.relays import check_name
 from mailoutbox.relays import check_names
 from mailoutbox.relays import open_relay
+from mailoutbox.schedule import check_not_before
+from mailoutbox.schedule import check_priority
 
 __all__ = [
     "AbstractMailDelivery",
@@ -90,15 +94,25 @@ class AbstractMailDelivery:
 
     def _message(self, fromaddr: str, toaddrs: Iterable[str],
                  message: bytes | str | email.message.Message,
-                 mailer: str | None) -> _Message:
+                 mailer: str | None, not_before: Any = None,
+                 priority: Any = None) -> _Message:
         """Check and prepare what ``send()`` was given."""
         relay = self._route(mailer)
+        when = self._not_before(check_not_before(not_before))
+        rank = check_priority(priority)
         fromaddr = check_sender(fromaddr)
         recipients = check_recipients(toaddrs)
         data, message_id = prepare_message(message, self.newMessageId)
         prepared = self._prepare(message_id, fromaddr, recipients, data)
         prepared.relay = relay
+        prepared.not_before = when
+        prepared.priority = rank
         return prepared
+
+    def _not_before(self, when: float | None) -> float | None:
+        """Accept the time checked by
+        :func:`~mailoutbox.schedule.check_not_before` (or refuse it)."""
+        return when
 
     def _manager(self) -> Any:
         manager = self.transaction_manager
@@ -121,9 +135,12 @@ class AbstractMailDelivery:
 
     def send(self, fromaddr: str, toaddrs: Iterable[str],
              message: bytes | str | email.message.Message,
-             mailer: str | None = None) -> str:
+             mailer: str | None = None, *,
+             not_before: datetime.datetime | datetime.timedelta | float | None = None,
+             priority: str | int | None = None) -> str:
         """See :meth:`mailoutbox.interfaces.IMailDelivery.send`."""
-        prepared = self._message(fromaddr, toaddrs, message, mailer)
+        prepared = self._message(fromaddr, toaddrs, message, mailer,
+                                 not_before, priority)
         message_id, relay = prepared.message_id, prepared.relay
         manager = self._manager()
         txn = manager.get()
@@ -163,10 +180,14 @@ class AbstractMailDelivery:
     def send_message(self, message: bytes | str | email.message.Message,
                      fromaddr: str | None = None,
                      toaddrs: Iterable[str] | None = None,
-                     mailer: str | None = None) -> str:
+                     mailer: str | None = None, *,
+                     not_before: datetime.datetime | datetime.timedelta | float
+                     | None = None,
+                     priority: str | int | None = None) -> str:
         """See :meth:`mailoutbox.interfaces.IMailDelivery.send_message`."""
         fromaddr, toaddrs, data = prepare_send_message(message, fromaddr, toaddrs)
-        return self.send(fromaddr, toaddrs, data, mailer=mailer)
+        return self.send(fromaddr, toaddrs, data, mailer=mailer,
+                         not_before=not_before, priority=priority)
 
     def _prepare(self, message_id: str, fromaddr: str,
                  toaddrs: tuple[str, ...], data: bytes) -> _Message:
@@ -321,6 +342,17 @@ class DirectMailDelivery(AbstractMailDelivery):
             )
         self.mailers: dict[str, Any] = dict(mailers or {})
         self.mailer_names = check_names(self.mailers)
+
+    def _not_before(self, when: float | None) -> float | None:
+        """A direct delivery cannot wait: a time still to come is refused."""
+        if when is not None and when > time.time():
+            utc = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+            raise ValueError(
+                "a direct delivery sends when the transaction commits and"
+                f" cannot wait: not_before is {utc:%Y-%m-%d %H:%M:%S} UTC;"
+                " schedule the message through a queued delivery"
+            )
+        return when
 
     def mailer_for(self, relay: str | None) -> Any:
         """The mailer of messages routed to *relay* (None: :attr:`mailer`)."""
