@@ -227,3 +227,20 @@ def test_init_refuses_an_unknown_version(pg_server):
     with psycopg.connect(pg_server.url, autocommit=True) as conn, \
             pytest.raises(ValueError, match="no schema version 0"):
         init(conn, "whatever", 0)
+
+
+def test_scheduled_messages_are_listed_as_such(pg_server):
+    url = table_url(pg_server)
+    store = open_queue(url)
+    try:
+        when = time.time() + 3600
+        name = insert(store, not_before=when, priority=10,
+                      message=b"Subject: later\n\nbody\n")
+        code, out, err = run("list", url, "--json")
+        assert code == 0, err
+        (message,) = json.loads(out)["messages"]
+        assert (message["id"], message["state"], message["priority"]) == (
+            name, "scheduled", 10)
+        assert message["not_before"] == pytest.approx(when, abs=1)
+    finally:
+        store.close()

@@ -23,6 +23,7 @@ from mailoutbox.postgresql._conn import parse_url
 from mailoutbox.postgresql.store import FAILED
 from mailoutbox.postgresql.store import QUEUE
 from mailoutbox.postgresql.store import PostgreSQLQueue
+from mailoutbox.schedule import scheduled_for
 from mailoutbox.stores import open_store
 from mailoutbox.wakeup import ALL
 from tests import pg_fixtures
@@ -156,6 +157,22 @@ def test_scan_orders_by_priority_then_age(store):
     claim = store.claim(scan.entries[0], 30)
     assert store.scan().claimed == {high}
     claim.release()
+
+
+def test_priority_and_schedule(store):
+    when = time.time() + 3600
+    later = insert(store, not_before=when, priority=-10)
+    high = insert(store, priority=10)
+    assert store.priority(Entry(QUEUE, high)) == 10
+    assert store.priority(Entry(QUEUE, later)) == -10
+    assert store.priority(Entry(QUEUE, "999999")) == 0
+    state = store.retry_state(Entry(QUEUE, later))
+    assert state == {"not_before": pytest.approx(when, abs=1e-3), "attempts": 0}
+    assert scheduled_for(state) == pytest.approx(when, abs=1e-3)
+    assert store.retry_state(Entry(QUEUE, high)) is None
+    claim = store.claim(Entry(QUEUE, later), 30, exact=True)
+    claim.defer(when, {**state, "attempts": 1, "error": "451"})
+    assert store.retry_state(Entry(QUEUE, later))["attempts"] == 1
 
 
 def test_claim_takes_the_entry_or_the_next_free_due_one(store):
