@@ -122,7 +122,8 @@ def test_a_dead_processors_claims_expire(pg_url, smtp_server, make_processor):
 
 
 @pytest.mark.slow
-def test_a_database_restart_mid_drain(pg_server, smtp_server, make_processor):
+def test_a_database_restart_mid_drain(pg_server, smtp_server, make_processor,
+                                      caplog):
     url = pg_fixtures.table_url(pg_server)
     store = open_queue(url)
     try:
@@ -141,5 +142,10 @@ def test_a_database_restart_mid_drain(pg_server, smtp_server, make_processor):
         # may have been sent twice.
         assert duplicates <= 2, duplicates
         assert set(received) == set(ids)
+        # The store waited for the server: no statement failed, so no
+        # message sent was left claimed in the queue (to be sent again once
+        # its lease ran out).
+        assert "could not remove" not in caplog.text
+        assert "unexpected error" not in caplog.text
     finally:
         store.close()
