@@ -48,6 +48,7 @@ from mailoutbox.relays import check_names
 from mailoutbox.relays import open_relay
 from mailoutbox.schedule import check_not_before
 from mailoutbox.schedule import check_priority
+from mailoutbox.stores import is_url
 
 __all__ = [
     "AbstractMailDelivery",
@@ -130,7 +131,7 @@ class AbstractMailDelivery:
         data manager), so overriding it changes nothing there.
         """
         datamanager = self.datamanager_factory(self, self._manager())
-        datamanager.messages.append(self._message(fromaddr, toaddrs, message, None))
+        self._add(datamanager, self._message(fromaddr, toaddrs, message, None))
         return datamanager
 
     def send(self, fromaddr: str, toaddrs: Iterable[str],
@@ -168,7 +169,7 @@ class AbstractMailDelivery:
                     " transaction first (with transaction_manager: ...)"
                 ) from exc
             txn.set_data(self, datamanager)
-        datamanager.messages.append(prepared)
+        self._add(datamanager, prepared)
         if relay is None:
             log.debug("message %s will be sent if the transaction commits",
                       message_id)
@@ -176,6 +177,9 @@ class AbstractMailDelivery:
             log.debug("message %s will be sent through %r if the transaction"
                       " commits", message_id, relay)
         return message_id
+
+    def _add(self, datamanager: _DataManager, prepared: _Message) -> None:
+        datamanager.messages.append(prepared)
 
     def send_message(self, message: bytes | str | email.message.Message,
                      fromaddr: str | None = None,
@@ -287,16 +291,38 @@ class QueuedMailDelivery(AbstractMailDelivery):
     may be routed to with ``send(..., mailer=NAME)``: a collection of
     names, or a mapping whose keys are the names (the mailers themselves
     are the processor's business).
+
+    A ``postgresql://`` URL for *queuePath* queues into a PostgreSQL table
+    (:mod:`mailoutbox.postgresql.datamanager`): through the connection
+    that *connection* (a callable) returns for the current transaction, or
+    through connections of the delivery's own (two-phase commit if the
+    server allows it).  *connection* is only for such a URL.
     """
 
     datamanager_factory = QueuedDataManager
+    #: The writer of a PostgreSQL queue (None: a Maildir queue).
+    postgresql: Any = None
 
     def __init__(self, queuePath: str, transaction_manager: Any = None,
-                 mailers: Iterable[str] | Mapping[str, Any] | None = None) -> None:
+                 mailers: Iterable[str] | Mapping[str, Any] | None = None,
+                 connection: Callable[[], Any] | None = None) -> None:
         super().__init__(transaction_manager)
         self.queuePath = str(queuePath)
         self.mailer_names = check_names(mailers)
         self._maildirs: dict[str | None, Maildir] = {}
+        if is_url(self.queuePath):
+            from mailoutbox.postgresql.datamanager import QueueWriter
+            self.postgresql = QueueWriter(self.queuePath, connection)
+            self.datamanager_factory = self.postgresql.datamanager_factory
+        elif connection is not None:
+            raise ValueError(
+                "connection= needs a postgresql:// queue URL, not the folder"
+                f" {self.queuePath!r}")
+
+    def _add(self, datamanager: _DataManager, prepared: _Message) -> None:
+        if self.postgresql is not None:
+            self.postgresql.add(prepared)
+        datamanager.messages.append(prepared)
 
     def maildir(self, relay: str | None = None, fresh: bool = False) -> Maildir:
         """The :class:`~mailoutbox.maildir.Maildir` of the queue (*relay*
@@ -312,10 +338,14 @@ class QueuedMailDelivery(AbstractMailDelivery):
         return maildir
 
     def __repr__(self) -> str:
+        if self.postgresql is not None:
+            return f"<QueuedMailDelivery {self.postgresql.shown!r}>"
         return f"<QueuedMailDelivery {self.queuePath!r}>"
 
     def _prepare(self, message_id: str, fromaddr: str,
                  toaddrs: tuple[str, ...], data: bytes) -> _Message:
+        if self.postgresql is not None:
+            return _Message(message_id, fromaddr, toaddrs, data)
         envelope = format_envelope(fromaddr, toaddrs)
         return _Message(message_id, fromaddr, toaddrs, data, envelope)
 
