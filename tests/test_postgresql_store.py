@@ -543,3 +543,20 @@ def test_reconnect_gives_up_after_its_window(pg_server):
     with pytest.raises(psycopg.OperationalError):
         conns.run(lambda conn: None)
     assert 0.1 < time.monotonic() - started < 30  # slept, then gave up
+
+
+def test_watcher_hears_both_names_of_a_qualified_table(store):
+    from mailoutbox.postgresql.watcher import NotifyWatcher
+    woken = []
+    watcher = NotifyWatcher(store.connections, "public.outbox", woken.append,
+                            "test-wakeup")
+    assert watcher.channels == ["outbox", "public.outbox"]
+    assert watcher.start()
+    try:
+        for channel, relay in (("outbox", ""), ("public.outbox", "r1")):
+            store.connections.run(lambda conn, c=channel, r=relay: conn.execute(
+                "SELECT pg_notify(%s, %s)", (c, r)))
+        wait_for(lambda: len(woken) == 2)
+        assert woken == [{None}, {"r1"}]
+    finally:
+        watcher.close()
