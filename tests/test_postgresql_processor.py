@@ -170,3 +170,20 @@ def test_a_committed_send_wakes_the_processor(pg_server, smtp_server,
     tm.commit()
     wait_for(lambda: smtp_server.message_ids() == [message_id])
     assert processor.maildir.scan().entries == []
+
+
+def test_a_flush_sends_deferred_rows_now_but_not_scheduled_ones(
+        pg_url, smtp_server, make_processor):
+    processor = make_processor(pg_url, smtp_server.port, concurrency=1)
+    store = processor.maildir
+    (deferred,) = queue(store, 1)
+    (scheduled,) = queue(store, 1, start=1, not_before=time.time() + 3600)
+    [entry] = [e for e in store.scan().entries
+               if store.read(e).find(deferred.encode()) >= 0]
+    claim = store.claim(entry, 30, exact=True)
+    claim.defer(time.time() + 3600, {"attempts": 1, "error": "later"})
+    assert processor.process_queue().sent == 0  # neither is due
+    stats = processor.process_queue(flush=True)
+    assert (stats.sent, smtp_server.message_ids()) == (1, [deferred])
+    assert [e.name for e in store.scan().entries] == list(store.scan().retry_at)
+    assert scheduled not in smtp_server.message_ids()

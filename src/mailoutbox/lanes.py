@@ -184,7 +184,8 @@ class Lanes:
                    workers, mailer=mailer, relay=lane.name,
                    on_finished=self.wakeup.set,
                    adaptive=processor.adaptive,
-                   limiter=processor.rate_limits.limiter(mailer, rate, lane.name))
+                   limiter=processor.rate_limits.limiter(mailer, rate, lane.name),
+                   flush=flush)
         lane.started = time.monotonic()
         if not job.total:
             job.finished.set()

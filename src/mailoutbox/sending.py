@@ -104,7 +104,10 @@ class MessageSender:
         if not entry.regular:
             return self._reject_foreign(maildir, entry, job.now())
         try:
-            claim = maildir.claim(entry, self.lease)
+            if job.flush:  # this one, due or not
+                claim = maildir.claim(entry, self.lease, exact=True)
+            else:
+                claim = maildir.claim(entry, self.lease)
         except PermissionError as exc:
             return self._reject_unclaimable(maildir, entry, exc, job.now())
         if claim is None:

@@ -110,8 +110,12 @@ class Pass:
                  on_progress: ProgressCallback | None, workers: int, *,
                  mailer: Any = None, relay: str | None = None,
                  on_finished: Callable[[], None] | None = None,
-                 adaptive: bool = False, limiter: Any = None) -> None:
+                 adaptive: bool = False, limiter: Any = None,
+                 flush: bool = False) -> None:
         self.maildir = maildir
+        #: Deferred messages are due now: claim each one listed, due or not
+        #: (see :meth:`~mailoutbox.interfaces.IQueueStore.claim`).
+        self.flush = flush
         #: The relay's :class:`~mailoutbox.ratelimit.RateLimiter` (or None).
         self.limiter = limiter
         self._again: deque[Entry] = deque()  # put back, to try again

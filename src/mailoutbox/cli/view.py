@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
+from mailoutbox.cli.errors import EXIT_ERROR
 from mailoutbox.cli.errors import EXIT_NOT_FOUND
 from mailoutbox.cli.errors import EXIT_USAGE
 from mailoutbox.cli.errors import CLIError
@@ -73,8 +74,9 @@ def open_queue(path: str) -> Any:
     if is_url(path):
         try:
             return open_store(path)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
+        except ValueError as exc:  # unreachable (4), else bad URL or schema (2)
+            code = EXIT_ERROR if type(exc).__name__ == "ConnectError" else EXIT_USAGE
+            raise CLIError(str(exc), code) from None
     try:
         return Maildir(path)
     except ValueError:
