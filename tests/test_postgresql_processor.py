@@ -124,7 +124,9 @@ def test_a_dead_processors_claims_expire(pg_url, smtp_server, make_processor):
 @pytest.mark.slow
 def test_a_database_restart_mid_drain(pg_server, smtp_server, make_processor,
                                       caplog):
-    url = pg_fixtures.table_url(pg_server)
+    # Completions that wait for the disk (see test_postgresql_speed for the
+    # default, which may forget the last ones at a crash of the database).
+    url = pg_fixtures.table_url(pg_server, durable_complete=1)
     store = open_queue(url)
     try:
         ids = queue(store, 200)

@@ -3,8 +3,10 @@
 A queue URL is a libpq URL (``postgresql://user:password@host:port/db?...``)
 with two parameters of our own, removed before the URL goes to libpq:
 ``table`` (the queue's table, default ``mail_queue``, may be
-``schema.table``) and ``keep_sent`` (days to keep sent messages as a sent
-log, default 0: sent messages are deleted).
+``schema.table``), ``keep_sent`` (days to keep sent messages as a sent
+log, default 0: sent messages are deleted) and ``durable_complete`` (``1``:
+the end of a sent message's claim waits for the database's disk; default
+``0``, see :meth:`mailoutbox.postgresql.store.PostgreSQLClaim.complete`).
 
 :class:`Connections` lends autocommit connections to one statement (or one
 short transaction) at a time, from any thread: a psycopg connection is never
@@ -38,6 +40,8 @@ DEFAULT_TABLE = "mail_queue"
 #: (``connect_timeout``).
 CONNECT_TIMEOUT = 10
 _T = TypeVar("_T")
+#: The query parameters of our own.
+_OURS = ("table", "keep_sent", "durable_complete")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class QueueURL:
     table: str
     keep_sent: int
     password: str
+    #: The completion of a claim waits for the disk (see
+    #: :meth:`mailoutbox.postgresql.store.PostgreSQLClaim.complete`).
+    durable_complete: bool = False
 
 
 def redact(text: str, password: str) -> str:
@@ -83,8 +90,8 @@ def parse_url(url: str) -> QueueURL:
     user, _, password = userinfo.partition(":")
     shown = f"{scheme}://{user}{at}{hosts}{slash}{database}"
     params = parse_qsl(query, keep_blank_values=True)
-    ours = {k: v for k, v in params if k in ("table", "keep_sent")}
-    theirs = [(k, v) for k, v in params if k not in ("table", "keep_sent")]
+    ours = {k: v for k, v in params if k in _OURS}
+    theirs = [(k, v) for k, v in params if k not in _OURS]
     password = dict(params).get("password", password)
     shown_params = [(k, v) for k, v in params if k != "password"]
     if shown_params:
@@ -96,6 +103,9 @@ def parse_url(url: str) -> QueueURL:
         keep_sent = int(ours.get("keep_sent", "0"))
         if keep_sent < 0:
             raise ValueError("keep_sent must be 0 or more days")
+        durable = ours.get("durable_complete", "0")
+        if durable not in ("0", "1"):
+            raise ValueError("durable_complete must be 0 or 1")
     except ValueError as exc:
         raise ValueError(f"invalid queue URL {safe}: {exc}") from None
     conninfo = f"{scheme}://{netloc}{slash}{database}"
@@ -109,7 +119,8 @@ def parse_url(url: str) -> QueueURL:
     key = "postgresql://{}@{}:{}/{}?table={}".format(
         parts.get("user", ""), str(parts.get("host", "")).lower(),
         parts.get("port", ""), parts.get("dbname", ""), table)
-    return QueueURL(conninfo, safe, key, table, keep_sent, password)
+    return QueueURL(conninfo, safe, key, table, keep_sent, password,
+                    durable == "1")
 
 
 class Connections:

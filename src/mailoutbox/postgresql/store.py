@@ -49,7 +49,15 @@ FAILED = "failed"
 #: that must never be broken) is that long.
 MAX_LEASE = 1e9
 
-_NO_WAIT = "SET LOCAL synchronous_commit TO off"
+#: Seconds during which a lane found without a due and free message is
+#: not searched again (see :meth:`PostgreSQLQueue.claim`).
+DRY_TIME = 1.0
+
+#: Evaluated by a statement (run on its own, in autocommit mode) for each
+#: row it changes, in its RETURNING list: the commit of its implicit
+#: transaction does not wait for the disk (``synchronous_commit`` off for
+#: that transaction only; the session's setting is untouched).
+_NO_WAIT = "set_config('synchronous_commit', 'off', true)"
 
 _HOLDER = f"{socket.gethostname()}:{{pid}}"
 
@@ -85,6 +93,11 @@ class _Queries:
             fragments = {k: sql.SQL(v) for k, v in parts.items()}
             return sql.SQL(text).format(t=t, **fragments).as_string(None)
 
+        # Rows are in sending order (priority DESC, id) in the lane's index
+        # (relay, priority DESC, id); "ORDER BY relay, ..." (one relay in a
+        # lane) lets the index give them in that order for the default lane
+        # too ("relay IS NULL" is not an equality to the planner): the next
+        # due row is found without sorting the lane.
         free_due = ("state = 'queued' AND {lane} AND next_attempt <= now()"
                     " AND (claimed_until IS NULL OR claimed_until < now())")
         for suffix, lane in (("", "relay = %(relay)s"),
@@ -94,7 +107,7 @@ class _Queries:
                 " extract(epoch FROM next_attempt)::float8,"
                 " coalesce(claimed_until > now(), false)"
                 " FROM {t} WHERE state = 'queued' AND {lane}"
-                " ORDER BY priority DESC, id", lane=lane))
+                " ORDER BY relay, priority DESC, id", lane=lane))
             setattr(self, "claim" + suffix, q(
                 "UPDATE {t} SET claimed_by = %(by)s, claimed_until ="
                 " clock_timestamp() + %(lease)s * interval '1 second'"
@@ -102,9 +115,10 @@ class _Queries:
                 "(SELECT id FROM {t} WHERE id = %(id)s AND {free_row}"
                 " FOR UPDATE SKIP LOCKED), "
                 "(SELECT id FROM {t} WHERE {free_due}"
-                " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
-                " RETURNING id, fromaddr, toaddrs, message",
-                free_due=free_due.replace("{lane}", lane),
+                " ORDER BY relay, priority DESC, id LIMIT 1"
+                " FOR UPDATE SKIP LOCKED))"
+                " RETURNING id, fromaddr, toaddrs, message, {nowait}",
+                nowait=_NO_WAIT, free_due=free_due.replace("{lane}", lane),
                 # (Not "relay = ...": found by the primary key, never by
                 # scanning the lane's index; relay names are never empty.)
                 free_row=free_due.replace(
@@ -117,7 +131,8 @@ class _Queries:
             " clock_timestamp() + %(lease)s * interval '1 second'"
             " WHERE id = %(id)s AND state = 'queued'"
             " AND (claimed_until IS NULL OR claimed_until < now())"
-            " RETURNING id, fromaddr, toaddrs, message")
+            " RETURNING id, fromaddr, toaddrs, message, {nowait}",
+            nowait=_NO_WAIT)
         self.relays = q("SELECT DISTINCT relay FROM {t} WHERE state <> 'sent'"
                         " AND relay IS NOT NULL ORDER BY relay")
         self.find = q("SELECT state FROM {t} WHERE id = %s")
@@ -156,6 +171,9 @@ class _Queries:
         self.sent = q("UPDATE {t} SET state = 'sent', done_at = now(),"
                       " claimed_by = NULL, claimed_until = NULL WHERE {mine}",
                       mine=mine)
+        # The same, not waiting for the disk (see PostgreSQLClaim.complete).
+        self.delete_nowait = self.delete + " RETURNING " + _NO_WAIT
+        self.sent_nowait = self.sent + " RETURNING " + _NO_WAIT
         self.defer = q("UPDATE {t} SET next_attempt = to_timestamp(%(at)s),"
                        " retry = %(state)s, claimed_by = NULL,"
                        " claimed_until = NULL WHERE {mine}", mine=mine)
@@ -194,6 +212,9 @@ class PostgreSQLQueue:
         self.lane = relay
         self.connections = connections
         self.sql = queries or _Queries(url.table)
+        #: Until when (time.monotonic()) the lane is known to have no due
+        #: and free message (see :meth:`claim`).
+        self._dry_until = 0.0
 
     def __repr__(self) -> str:
         lane = "" if self.lane is None else f" relay {self.lane!r}"
@@ -219,6 +240,7 @@ class PostgreSQLQueue:
         """See :class:`mailoutbox.interfaces.IQueueStore`.  The entries are in
         sending order: higher priority first, then oldest first."""
         scan = Scan()
+        self._dry_until = 0.0
         for row_id, later, at, claimed in self._all(self._lane("scan"),
                                                     {"relay": self.lane}):
             name = str(row_id)
@@ -233,24 +255,33 @@ class PostgreSQLQueue:
               exact: bool = False) -> PostgreSQLClaim | None:
         """See :class:`mailoutbox.interfaces.IQueueStore`: *entry* if it is
         due and free, else the next due and free message of the lane; with
-        *exact*, *entry* if it is free, due or not."""
+        *exact*, *entry* if it is free, due or not.
+
+        Once a claim found no due and free message in the lane, the claims
+        that follow give None without asking the database, for
+        :data:`DRY_TIME` seconds or until the next :meth:`scan` or a
+        release of a claim of this lane, whichever comes first: processors
+        that listed the same lane do not each search it again for every
+        entry of their listing once others took its messages.  A message
+        freed meanwhile by another processor (or by a lease running out),
+        or coming due, is sent in a later pass."""
+        if not exact and time.monotonic() < self._dry_until:
+            return None
         holder = _holder()
         params = {"by": holder, "lease": min(float(lease), MAX_LEASE),
                   "relay": self.lane,
                   "id": int(entry.name) if entry.name.isdigit() else 0}
         query = self.sql.claim_exact if exact else self._lane("claim")
-
-        def work(conn: Any) -> Any:
-            # A claim need not wait for the disk: if a crash of the database
-            # loses it, the message is still queued (and was in flight).
-            with conn.transaction():
-                conn.execute(_NO_WAIT)
-                return conn.execute(query, params).fetchone()
-        row = self.connections.run(work)
+        # One statement, one round trip.  It need not wait for the disk: if
+        # a crash of the database loses the claim, the message is still
+        # queued (and was in flight).
+        row = self._one(query, params)
         if row is None:
+            if not exact:
+                self._dry_until = time.monotonic() + DRY_TIME
             return None
         return PostgreSQLClaim(self, Entry(QUEUE, str(row[0])), holder, lease,
-                               _queue_file(*row[1:]))
+                               _queue_file(*row[1:4]))
 
     def recover(self) -> int:
         """Nothing to roll forward: a row is queued by its transaction's
@@ -403,10 +434,20 @@ class PostgreSQLClaim:
 
     def release(self) -> None:
         self._mine(self.store.sql.release)
+        self.store._dry_until = 0.0  # the lane has a free message again
 
     def complete(self) -> None:
-        sql = self.store.sql
-        self._mine(sql.sent if self.store.keep_sent else sql.delete)
+        """Delete the row (or mark it sent, with ``keep_sent``).  Unless the
+        URL says ``durable_complete=1``, the commit does not wait for the
+        disk: a crash of the database server (or of its machine) may forget
+        the completions of its last moments (at most three times its
+        ``wal_writer_delay``, 0.6 s by default), and those messages are
+        sent again after their lease -- duplicates, never a loss."""
+        sql, store = self.store.sql, self.store
+        if store.url.durable_complete:
+            self._mine(sql.sent if store.keep_sent else sql.delete)
+        else:
+            self._mine(sql.sent_nowait if store.keep_sent else sql.delete_nowait)
 
     def defer(self, retry_at: float, state: dict[str, Any]) -> None:
         from psycopg.types.json import Jsonb
