@@ -9,6 +9,16 @@ while the message is sent.  Every change that ends a claim is conditional
 on the claim still being the caller's, so a processor whose lease ran out
 (and whose message another processor took) cannot undo the other's work.
 
+Claims and completions do not wait for the database's disk
+(``synchronous_commit`` off for their own transactions): a crash of the
+database server may forget those of its last moments (at most three times
+its ``wal_writer_delay``, 0.6 s by default).  A forgotten claim is
+harmless; a forgotten completion means a message sent again after its
+lease.  So the duplicates after a crash of the database are the messages
+in flight plus those completed in that last fraction of a second (in
+flight only with ``durable_complete=1`` in the URL); nothing is lost.  A
+processor's crash duplicates only its messages in flight.
+
 Entries are :class:`mailoutbox.maildir.Entry` objects whose ``folder`` is
 :data:`QUEUE` or :data:`FAILED` and whose ``name`` is the row id.
 """
