@@ -79,6 +79,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """Build the parser of the ``mailoutbox`` command and its subcommands."""
     from mailoutbox.cli import demo
+    from mailoutbox.cli import init
     from mailoutbox.cli import move
     from mailoutbox.cli import repair
     from mailoutbox.cli import run
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         title="commands", dest="command", metavar="COMMAND", required=True
     )
     run.add_parser(commands)
+    init.add_parser(commands)
     status.add_parsers(commands)
     repair.add_parsers(commands)
     send.add_parser(commands)

@@ -1,0 +1,172 @@
+"""The URL of a PostgreSQL queue, and the connections of one process to it.
+
+A queue URL is a libpq URL (``postgresql://user:password@host:port/db?...``)
+with two parameters of our own, removed before the URL goes to libpq:
+``table`` (the queue's table, default ``mail_queue``, may be
+``schema.table``) and ``keep_sent`` (days to keep sent messages as a sent
+log, default 0: sent messages are deleted).
+
+:class:`Connections` lends autocommit connections to one statement (or one
+short transaction) at a time, from any thread: a psycopg connection is never
+used by two threads at once.  A statement that fails because the connection
+broke (a database restart) is run again once on a new connection when it is
+idempotent.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from typing import TypeVar
+from urllib.parse import parse_qsl
+from urllib.parse import urlencode
+
+from mailoutbox.postgresql.schema import check_table_name
+
+__all__ = ["DEFAULT_TABLE", "Connections", "QueueURL", "parse_url", "redact"]
+
+log = logging.getLogger("mailoutbox.postgresql")
+
+DEFAULT_TABLE = "mail_queue"
+#: Seconds to wait for a connection when the URL does not say
+#: (``connect_timeout``).
+CONNECT_TIMEOUT = 10
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class QueueURL:
+    """A queue URL taken apart."""
+
+    #: The URL for libpq (our own parameters removed; with the password).
+    conninfo: str
+    #: The URL as given, without its password (for people and logs).
+    path: str
+    #: Equal for every spelling of the same queue (no password).
+    key: str
+    table: str
+    keep_sent: int
+    password: str
+
+
+def redact(text: str, password: str) -> str:
+    """*text* with *password* (if any) masked."""
+    return text.replace(password, "***") if password else text
+
+
+def parse_url(url: str) -> QueueURL:
+    """Take the queue URL *url* apart; :class:`ValueError` (without the
+    password) if it is not one."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        raise ValueError("a queue URL starts with postgresql://")
+    rest, _, query = rest.partition("?")
+    netloc, slash, database = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    shown = f"{scheme}://{user}{at}{hosts}{slash}{database}"
+    params = parse_qsl(query, keep_blank_values=True)
+    ours = {k: v for k, v in params if k in ("table", "keep_sent")}
+    theirs = [(k, v) for k, v in params if k not in ("table", "keep_sent")]
+    password = dict(params).get("password", password)
+    shown_params = [(k, v) for k, v in params if k != "password"]
+    if shown_params:
+        shown += "?" + urlencode(shown_params)
+    safe = redact(shown, password)
+    table = ours.get("table", DEFAULT_TABLE)
+    try:
+        check_table_name(table)
+        keep_sent = int(ours.get("keep_sent", "0"))
+        if keep_sent < 0:
+            raise ValueError("keep_sent must be 0 or more days")
+    except ValueError as exc:
+        raise ValueError(f"invalid queue URL {safe}: {exc}") from None
+    conninfo = f"{scheme}://{netloc}{slash}{database}"
+    if theirs:
+        conninfo += "?" + urlencode(theirs)
+    try:
+        parts = conninfo_to_dict(conninfo)
+    except psycopg.Error as exc:
+        first = redact(str(exc).strip().splitlines()[0], password)
+        raise ValueError(f"invalid queue URL {safe}: {first}") from None
+    key = "postgresql://{}@{}:{}/{}?table={}".format(
+        parts.get("user", ""), str(parts.get("host", "")).lower(),
+        parts.get("port", ""), parts.get("dbname", ""), table)
+    return QueueURL(conninfo, safe, key, table, keep_sent, password)
+
+
+class Connections:
+    """Autocommit connections to the database of *url*, lent to one caller
+    at a time (see :meth:`run`); at most *idle* are kept open between
+    uses."""
+
+    def __init__(self, url: QueueURL, idle: int = 8) -> None:
+        self.url = url
+        self.idle = idle
+        self._free: list[Any] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def connect(self, autocommit: bool = True) -> Any:
+        """A new connection (psycopg's errors if it cannot be made)."""
+        import psycopg
+
+        options = {} if "connect_timeout" in self.url.conninfo else {
+            "connect_timeout": CONNECT_TIMEOUT}
+        return psycopg.connect(self.url.conninfo, autocommit=autocommit,
+                               application_name="mailoutbox", **options)
+
+    def _take(self) -> Any:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's connections
+                self._free, self._pid = [], os.getpid()  # are not ours
+            if self._free:
+                return self._free.pop()
+        return self.connect()
+
+    def _give(self, conn: Any) -> None:
+        if not conn.broken and not conn.closed:
+            with self._lock:
+                if len(self._free) < self.idle:
+                    self._free.append(conn)
+                    return
+        conn.close()
+
+    def discard_idle(self) -> None:
+        """Close the connections kept open (after one broke: the others
+        probably did too)."""
+        with self._lock:
+            free, self._free = self._free, []
+        for conn in free:
+            conn.close()
+
+    def run(self, work: Callable[[Any], _T], retry: bool = True) -> _T:
+        """``work(connection)``, on a connection of the caller's own for the
+        time of the call; if the connection broke (the database restarted),
+        again on a new connection when *retry* (the work is idempotent)."""
+        import psycopg
+
+        conn = self._take()
+        try:
+            return work(conn)
+        except psycopg.OperationalError as exc:
+            if not conn.broken or not retry:
+                raise
+            log.warning("lost the connection to %s (%s): reconnecting",
+                        self.url.path, redact(str(exc).strip(), self.url.password))
+            conn.close()
+            self.discard_idle()
+            conn = self.connect()
+            return work(conn)
+        finally:
+            self._give(conn)
+
+    def close(self) -> None:
+        """Close the connections kept open."""
+        self.discard_idle()
