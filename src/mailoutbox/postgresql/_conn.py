@@ -69,7 +69,7 @@ def parse_url(url: str) -> QueueURL:
     rest, _, query = rest.partition("?")
     netloc, slash, database = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
-    user, colon, password = userinfo.partition(":")
+    user, _, password = userinfo.partition(":")
     shown = f"{scheme}://{user}{at}{hosts}{slash}{database}"
     params = parse_qsl(query, keep_blank_values=True)
     ours = {k: v for k, v in params if k in ("table", "keep_sent")}

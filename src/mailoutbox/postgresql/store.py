@@ -14,10 +14,11 @@ Entries are :class:`mailoutbox.maildir.Entry` objects whose ``folder`` is
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
-import logging
 import socket
+import time
 from typing import Any
 
 from zope.interface import implementer
@@ -43,6 +44,10 @@ QUEUE = "queue"
 #: The ``folder`` of failed entries.
 FAILED = "failed"
 
+#: The longest lease (seconds, about 30 years): an infinite lease (a repair
+#: that must never be broken) is that long.
+MAX_LEASE = 1e9
+
 _HOLDER = f"{socket.gethostname()}:{{pid}}"
 
 
@@ -64,39 +69,46 @@ def _id(entry: Entry) -> int:
 
 
 class _Queries:
-    """The SQL of one table, composed once."""
+    """The SQL of one table, composed once (``{t}`` is the table; ``{lane}``
+    selects the lane's rows, ``{free_due}`` those that may be claimed now,
+    ``{mine}`` the row of a claim while the claim holds)."""
 
     def __init__(self, table: str) -> None:
         from psycopg import sql
 
         t = sql.Identifier(*table.split("."))
 
-        def q(text: str) -> str:
-            return sql.SQL(text).format(t=t).as_string(None)
+        def q(text: str, **parts: str) -> str:
+            fragments = {k: sql.SQL(v) for k, v in parts.items()}
+            return sql.SQL(text).format(t=t, **fragments).as_string(None)
 
         free_due = ("state = 'queued' AND {lane} AND next_attempt <= now()"
                     " AND (claimed_until IS NULL OR claimed_until < now())")
         for suffix, lane in (("", "relay = %(relay)s"),
                              ("_default", "relay IS NULL")):
-            cond = free_due.format(lane=lane)
             setattr(self, "scan" + suffix, q(
                 "SELECT id, next_attempt > now(),"
                 " extract(epoch FROM next_attempt)::float8,"
                 " coalesce(claimed_until > now(), false)"
-                " FROM {t} WHERE state = 'queued' AND " + lane
-                + " ORDER BY priority DESC, id"))
+                " FROM {t} WHERE state = 'queued' AND {lane}"
+                " ORDER BY priority DESC, id", lane=lane))
             setattr(self, "claim" + suffix, q(
                 "UPDATE {t} SET claimed_by = %(by)s, claimed_until ="
                 " clock_timestamp() + %(lease)s * interval '1 second'"
                 " WHERE id = coalesce("
-                "(SELECT id FROM {t} WHERE id = %(id)s AND " + cond
-                + " FOR UPDATE SKIP LOCKED), "
-                "(SELECT id FROM {t} WHERE " + cond
-                + " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
-                " RETURNING id"))
+                "(SELECT id FROM {t} WHERE id = %(id)s AND {free_due}"
+                " FOR UPDATE SKIP LOCKED), "
+                "(SELECT id FROM {t} WHERE {free_due}"
+                " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
+                " RETURNING id", free_due=free_due.replace("{lane}", lane)))
             setattr(self, "failed" + suffix, q(
-                "SELECT id FROM {t} WHERE state = 'failed' AND " + lane
-                + " ORDER BY id"))
+                "SELECT id FROM {t} WHERE state = 'failed' AND {lane}"
+                " ORDER BY id", lane=lane))
+        self.claim_exact = q(
+            "UPDATE {t} SET claimed_by = %(by)s, claimed_until ="
+            " clock_timestamp() + %(lease)s * interval '1 second'"
+            " WHERE id = %(id)s AND state = 'queued'"
+            " AND (claimed_until IS NULL OR claimed_until < now()) RETURNING id")
         self.relays = q("SELECT DISTINCT relay FROM {t} WHERE state <> 'sent'"
                         " AND relay IS NOT NULL ORDER BY relay")
         self.find = q("SELECT state FROM {t} WHERE id = %s")
@@ -118,22 +130,24 @@ class _Queries:
         self.tidy = q("DELETE FROM {t} WHERE state = 'sent'"
                       " AND done_at < now() - %s * interval '1 day'")
         # The claim's own changes: only while the claim is the caller's.
-        mine = " WHERE id = %(id)s AND claimed_by = %(by)s"
+        mine = "id = %(id)s AND claimed_by = %(by)s"
         self.renew = q("UPDATE {t} SET claimed_until = clock_timestamp()"
-                       " + %(lease)s * interval '1 second'" + mine)
+                       " + %(lease)s * interval '1 second' WHERE {mine}",
+                       mine=mine)
         self.release = q("UPDATE {t} SET claimed_by = NULL,"
-                         " claimed_until = NULL" + mine)
-        self.delete = q("DELETE FROM {t}" + mine)
+                         " claimed_until = NULL WHERE {mine}", mine=mine)
+        self.delete = q("DELETE FROM {t} WHERE {mine}", mine=mine)
         self.sent = q("UPDATE {t} SET state = 'sent', done_at = now(),"
-                      " claimed_by = NULL, claimed_until = NULL" + mine)
+                      " claimed_by = NULL, claimed_until = NULL WHERE {mine}",
+                      mine=mine)
         self.defer = q("UPDATE {t} SET next_attempt = to_timestamp(%(at)s),"
                        " retry = %(state)s, claimed_by = NULL,"
-                       " claimed_until = NULL" + mine)
+                       " claimed_until = NULL WHERE {mine}", mine=mine)
         self.rewrite = q("UPDATE {t} SET fromaddr = %(from)s, toaddrs ="
-                         " %(to)s, message = %(message)s" + mine)
+                         " %(to)s, message = %(message)s WHERE {mine}", mine=mine)
         self.fail = q("UPDATE {t} SET state = 'failed', reason = %(reason)s,"
                       " retry = NULL, claimed_by = NULL, claimed_until = NULL"
-                      + mine)
+                      " WHERE {mine}", mine=mine)
         self.split = q(
             "INSERT INTO {t} (relay, fromaddr, toaddrs, message, message_id,"
             " queued_at, state, reason, priority, not_before)"
@@ -199,13 +213,17 @@ class PostgreSQLQueue:
                 scan.claimed.add(name)
         return scan
 
-    def claim(self, entry: Entry, lease: float) -> PostgreSQLClaim | None:
+    def claim(self, entry: Entry, lease: float,
+              exact: bool = False) -> PostgreSQLClaim | None:
         """See :class:`mailoutbox.interfaces.IQueueStore`: *entry* if it is
-        due and free, else the next due and free message of the lane."""
+        due and free, else the next due and free message of the lane; with
+        *exact*, *entry* if it is free, due or not."""
         holder = _holder()
-        params = {"by": holder, "lease": float(lease), "relay": self.lane,
+        params = {"by": holder, "lease": min(float(lease), MAX_LEASE),
+                  "relay": self.lane,
                   "id": int(entry.name) if entry.name.isdigit() else 0}
-        row = self._one(self._lane("claim"), params)
+        row = self._one(self.sql.claim_exact if exact else self._lane("claim"),
+                        params)
         if row is None:
             return None
         return PostgreSQLClaim(self, Entry(QUEUE, str(row[0])), holder, lease)
@@ -262,7 +280,11 @@ class PostgreSQLQueue:
         return row[0]
 
     def queued_at(self, entry: Entry) -> float:
-        return float(self._value(self.sql.queued_at, entry))
+        """When *entry* was queued (now if it is gone)."""
+        try:
+            return float(self._value(self.sql.queued_at, entry))
+        except FileNotFoundError:
+            return time.time()
 
     def reason(self, entry: Entry) -> dict[str, Any] | None:
         try:
@@ -280,7 +302,8 @@ class PostgreSQLQueue:
         from psycopg.types.json import Jsonb
 
         if self._one(self.sql.to_failed, (Jsonb(reason), _id(entry))) is None:
-            raise FileNotFoundError(f"message {entry.name} is not queued in {self.path}")
+            raise FileNotFoundError(
+                f"message {entry.name} is not queued in {self.path}")
         return Entry(FAILED, entry.name)
 
     def requeue(self, entry: Entry) -> Entry:
@@ -314,7 +337,7 @@ class PostgreSQLClaim:
         self.store = store
         self.entry = entry
         self.holder = holder
-        self.lease = lease
+        self.lease = min(float(lease), MAX_LEASE)
         self._params = {"id": int(entry.name), "by": holder}
 
     def __repr__(self) -> str:
@@ -335,7 +358,7 @@ class PostgreSQLClaim:
         import psycopg
 
         try:
-            self._mine(self.store.sql.renew, lease=float(self.lease))
+            self._mine(self.store.sql.renew, lease=self.lease)
         except psycopg.Error as exc:
             log.warning("could not renew the claim of message %s in %s: %s",
                         self.entry.name, self.store.path, exc)
