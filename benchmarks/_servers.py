@@ -102,7 +102,9 @@ def delaying_proxy(target_port: int, one_way_delay: float):
 @contextlib.contextmanager
 def postgresql_server(settings: dict | None = None):
     """A durable PostgreSQL server of its own (fsync on, as in production)
-    in a temporary folder; yields the URL of its ``postgres`` database."""
+    in a temporary folder; yields the
+    :class:`mailoutbox.testing.postgresql.PostgreSQLServer` (its ``url``:
+    its ``postgres`` database)."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
@@ -117,4 +119,26 @@ def postgresql_server(settings: dict | None = None):
             "PostgreSQL's initdb not found: apt-get install postgresql"
         )
     with PostgreSQLServer(settings, fsync=True) as server:
-        yield server.url
+        yield server
+
+
+def server_cpu(server) -> float:
+    """The CPU seconds used so far by the PostgreSQL *server*: its
+    postmaster, its live processes, and those that ended (backends of
+    closed connections, reaped by the postmaster)."""
+    with open(os.path.join(server.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(pid) == postmaster:
+            total += sum(int(x) for x in fields[11:15])  # and its children's
+        elif int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")

@@ -48,6 +48,7 @@ import argparse
 import itertools
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,6 +63,7 @@ sys.path.insert(0, HERE)
 from _servers import aiosmtpd_sink  # noqa: E402
 from _servers import delaying_proxy  # noqa: E402
 from _servers import postgresql_server  # noqa: E402
+from _servers import server_cpu  # noqa: E402
 from _servers import smtp_sink  # noqa: E402
 
 BODY = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusm\r\n" * 28
@@ -108,15 +110,19 @@ class MaildirQueue:
     def drop(self, queue: str) -> None:
         shutil.rmtree(queue, ignore_errors=True)
 
+    def server_cpu(self) -> float:
+        return 0.0
+
 
 class PostgreSQLQueue:
     name = "PostgreSQL"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, server) -> None:
         import psycopg
 
-        self.url = url
-        self.conn = psycopg.connect(url, autocommit=True)
+        self.server = server
+        self.url = server.url
+        self.conn = psycopg.connect(self.url, autocommit=True)
         self.runs = 0
 
     def fill(self, count: int, body: bytes = BODY) -> str:
@@ -154,6 +160,9 @@ class PostgreSQLQueue:
         table = self._table(queue)
         self.conn.execute(self._sql("DROP TABLE {}, {}", table, table + "_schema"))
 
+    def server_cpu(self) -> float:
+        return server_cpu(self.server)
+
     def close(self) -> None:
         self.conn.close()
 
@@ -174,6 +183,8 @@ class Drain:
                       for _ in range(processes)]
         self.ticks: list[float] = []
         self.sent: list[int] = []
+        self.cpu = 0.0  # CPU seconds of the processes after the go
+        self.db_cpu = 0.0  # and of the database server meanwhile
         for proc in self.procs:
             if proc.stdout.readline().strip() != "ready":
                 self.kill()
@@ -193,8 +204,12 @@ class Drain:
         for proc in self.procs:
             proc.stdin.write("go\n")
             proc.stdin.flush()
-        for proc in self.procs:
-            proc.wait(timeout)
+        try:
+            for proc in self.procs:
+                proc.wait(timeout)
+        except BaseException:
+            self.kill()
+            raise
         elapsed = time.monotonic() - started
         for reader in readers:
             reader.join(10)
@@ -206,6 +221,8 @@ class Drain:
                     self.ticks.append(float(line.split()[1]) - started)
                 elif line.startswith("sent "):
                     self.sent.append(int(line.split()[1].rstrip(",")))
+                elif line.startswith("cpu "):
+                    self.cpu += float(line.split()[1])
         self.ticks.sort()
         return elapsed
 
@@ -241,7 +258,12 @@ def child(tick: int, run_args: list[str]) -> int:
         zope.event.subscribers.append(on_event)
     print("ready", flush=True)
     sys.stdin.readline()
-    return main(["run", *run_args])
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    status = main(["run", *run_args])
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"cpu {after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}",
+          flush=True)
+    return status
 
 
 def drain(store, port: int, count: int, processes: int, run_args: list[str],
@@ -251,7 +273,10 @@ def drain(store, port: int, count: int, processes: int, run_args: list[str],
     try:
         runner = Drain(queue, processes, [
             "--hostname", "127.0.0.1", "--port", str(port), *run_args], tick)
+        db_before = store.server_cpu()
         elapsed = runner.run()
+        time.sleep(0.3)  # the backends of the processes end
+        runner.db_cpu = store.server_cpu() - db_before
         left = store.left(queue)
         if left or sum(runner.sent) != count:
             raise RuntimeError(
@@ -270,30 +295,42 @@ def shares(runner: Drain) -> str:
 
 
 def compare(stores, port: int, count: int, args, run_args: list[str],
-            processes: list[int]) -> dict[tuple[str, int], float]:
-    """The median rate of each store and number of processes; the runs of
-    the two stores alternate, so that a change of load hits both."""
+            processes: list[int]):
+    """The median rate (msg/s) and CPU time per message (ms, of the
+    processes and of the database server) of each store and number of
+    processes; the runs of the two stores alternate, so that a change of
+    load hits both."""
     rates: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[tuple[str, int], list[float]] = {}
     for n in processes:
         for _ in range(args.runs):
             for store in stores:
                 rate, runner = drain(store, port, count, n, run_args)
+                ms = (runner.cpu + runner.db_cpu) / count * 1000
                 rates.setdefault((store.name, n), []).append(rate)
-                print(f"  {store.name:<10} {n} process(es): {rate:7.0f} msg/s"
+                cpu.setdefault((store.name, n), []).append(ms)
+                print(f"  {store.name:<10} {n} process(es): {rate:7.0f} msg/s,"
+                      f" CPU {runner.cpu / count * 1000:.2f} ms/msg processes"
+                      f" + {runner.db_cpu / count * 1000:.2f} database"
                       f" (sent {shares(runner)})", flush=True)
-    return {key: statistics.median(values) for key, values in rates.items()}
+    return ({k: statistics.median(v) for k, v in rates.items()},
+            {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def scenario_sink(args, stores) -> None:
     print(f"\n== smtp-sink: {args.messages} messages of 2 KB, default"
           f" --concurrency, median of {args.runs} runs", flush=True)
     with smtp_sink() as port:
-        rates = compare(stores, port, args.messages, args, ["--no-tls"],
-                        args.processes)
-    print(f"\n{'processes':>9} {'Maildir':>9} {'PostgreSQL':>11} {'PG/Maildir':>11}")
+        rates, cpu = compare(stores, port, args.messages, args, ["--no-tls"],
+                             args.processes)
+    print(f"\n{'':9} {'msg/s':^33} {'CPU ms/msg (with the database)':^32}")
+    print(f"{'processes':>9} {'Maildir':>9} {'PostgreSQL':>11} {'PG/Maildir':>11}"
+          f" {'Maildir':>9} {'PostgreSQL':>11} {'PG/Maildir':>11}")
     for n in args.processes:
         md, pg = rates[("Maildir", n)], rates[("PostgreSQL", n)]
-        print(f"{n:>9} {md:>9.0f} {pg:>11.0f} {pg / md:>10.2f}x")
+        mdc, pgc = cpu[("Maildir", n)], cpu[("PostgreSQL", n)]
+        print(f"{n:>9} {md:>9.0f} {pg:>11.0f} {pg / md:>10.2f}x"
+              f" {mdc:>9.2f} {pgc:>11.2f} {pgc / mdc:>10.2f}x")
 
 
 def scenario_tls(args, stores) -> None:
@@ -307,7 +344,7 @@ def scenario_tls(args, stores) -> None:
     try:
         certs = make_certificates(certs_dir)
         with aiosmtpd_sink(certs_dir) as port, delaying_proxy(port, 0.0025) as proxy:
-            rates = compare(stores, proxy, args.tls_messages, args, [
+            rates, _ = compare(stores, proxy, args.tls_messages, args, [
                 "--force-tls", "--ca-file", certs.ca_file,
                 "--concurrency", str(args.tls_concurrency)], processes)
     finally:
@@ -365,8 +402,8 @@ def main(argv=None) -> int:
     print(f"{os.cpu_count()} CPUs, load average"
           f" {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     started = time.monotonic()
-    with postgresql_server() as url, tempfile.TemporaryDirectory() as tmp:
-        stores = [MaildirQueue(tmp), PostgreSQLQueue(url)]
+    with postgresql_server() as server, tempfile.TemporaryDirectory() as tmp:
+        stores = [MaildirQueue(tmp), PostgreSQLQueue(server)]
         try:
             for name in args.scenario:
                 SCENARIOS[name](args, stores)
