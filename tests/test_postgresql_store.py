@@ -226,8 +226,10 @@ def test_renew_logs_a_database_error(pg_server, caplog):
                     "?connect_timeout=5")
     from mailoutbox.postgresql.store import PostgreSQLClaim
     gone = PostgreSQLQueue(url, Connections(url))
+    gone.connections.reconnect_window = 0.3  # tried again, then given up
     PostgreSQLClaim(gone, Entry(QUEUE, "1"), "h:1:x", 30).renew()
     assert "could not renew the claim of message 1" in caplog.text
+    assert "Connection refused" in caplog.text
 
 
 def test_read_and_retry_state(store):
@@ -503,3 +505,20 @@ def test_a_url_without_parameters():
     assert (parsed.path, parsed.table, parsed.keep_sent) == (
         "postgres://h/db", "mail_queue", 0)
     assert parsed.key == "postgresql://@h:/db?table=mail_queue"
+
+
+def test_describe_gives_one_line_without_the_password():
+    from mailoutbox.postgresql._conn import describe
+    assert describe(OSError("x s3cret\n\tmore"), "s3cret") == "x ***"
+    assert describe(OSError("")) == "OSError"
+
+
+def test_reconnect_gives_up_after_its_window(pg_server):
+    url = parse_url(f"postgresql://postgres@127.0.0.1:{pg_server.port + 1}/x"
+                    "?connect_timeout=5")
+    conns = Connections(url)
+    conns.reconnect_window = 0.3
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        conns.run(lambda conn: None)
+    assert 0.1 < time.monotonic() - started < 30  # slept, then gave up

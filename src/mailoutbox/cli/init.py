@@ -68,6 +68,7 @@ def init(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
 
+    from mailoutbox.postgresql._conn import describe
     from mailoutbox.postgresql.schema import init as init_schema
     try:
         before, after = connections.run(
@@ -75,7 +76,7 @@ def init(args: argparse.Namespace, console: Console) -> int:
             retry=False)
     except (psycopg.Error, ValueError) as exc:
         raise CLIError(f"cannot create the mail queue {parsed.table!r} in"
-                       f" {parsed.path}: {str(exc).strip().splitlines()[0]}",
+                       f" {parsed.path}: {describe(exc, parsed.password)}",
                        EXIT_ERROR) from None
     finally:
         connections.close()

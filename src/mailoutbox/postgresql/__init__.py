@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from mailoutbox.postgresql._conn import Connections
 from mailoutbox.postgresql._conn import QueueURL
+from mailoutbox.postgresql._conn import describe
 from mailoutbox.postgresql._conn import parse_url
-from mailoutbox.postgresql._conn import redact
 from mailoutbox.postgresql.schema import SchemaError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,10 +49,8 @@ def connect(url: str) -> tuple[QueueURL, Connections]:
     try:
         conn = connections.connect()
     except psycopg.Error as exc:
-        lines = [line.strip() for line in str(exc).strip().splitlines()]
         raise ConnectError(f"cannot connect to {parsed.path}: "
-                         + redact(lines[0] if lines else type(exc).__name__,
-                                  parsed.password)) from None
+                           + describe(exc, parsed.password)) from None
     connections._give(conn)
     return parsed, connections
 

@@ -10,13 +10,15 @@ log, default 0: sent messages are deleted).
 short transaction) at a time, from any thread: a psycopg connection is never
 used by two threads at once.  A statement that fails because the connection
 broke (a database restart) is run again once on a new connection when it is
-idempotent.
+idempotent; a server that cannot be reached is waited for a few seconds
+(:attr:`Connections.reconnect_window`) before a statement fails.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,8 @@ from urllib.parse import urlencode
 
 from mailoutbox.postgresql.schema import check_table_name
 
-__all__ = ["DEFAULT_TABLE", "Connections", "QueueURL", "parse_url", "redact"]
+__all__ = ["DEFAULT_TABLE", "Connections", "QueueURL", "describe", "parse_url",
+           "redact"]
 
 log = logging.getLogger("mailoutbox.postgresql")
 
@@ -55,6 +58,14 @@ class QueueURL:
 def redact(text: str, password: str) -> str:
     """*text* with *password* (if any) masked."""
     return text.replace(password, "***") if password else text
+
+
+def describe(exc: BaseException, password: str = "") -> str:
+    """The first line of the message of *exc* (libpq's run over several),
+    with *password* masked."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    return redact(lines[0] if lines and lines[0] else type(exc).__name__,
+                  password)
 
 
 def parse_url(url: str) -> QueueURL:
@@ -93,8 +104,8 @@ def parse_url(url: str) -> QueueURL:
     try:
         parts = conninfo_to_dict(conninfo)
     except psycopg.Error as exc:
-        first = redact(str(exc).strip().splitlines()[0], password)
-        raise ValueError(f"invalid queue URL {safe}: {first}") from None
+        raise ValueError(f"invalid queue URL {safe}:"
+                         f" {describe(exc, password)}") from None
     key = "postgresql://{}@{}:{}/{}?table={}".format(
         parts.get("user", ""), str(parts.get("host", "")).lower(),
         parts.get("port", ""), parts.get("dbname", ""), table)
@@ -105,6 +116,10 @@ class Connections:
     """Autocommit connections to the database of *url*, lent to one caller
     at a time (see :meth:`run`); at most *idle* are kept open between
     uses."""
+
+    #: Seconds during which a lost server is waited for (a restart) before
+    #: a statement fails.
+    reconnect_window = 10.0
 
     def __init__(self, url: QueueURL, idle: int = 8) -> None:
         self.url = url
@@ -122,13 +137,30 @@ class Connections:
         return psycopg.connect(self.url.conninfo, autocommit=autocommit,
                                application_name="mailoutbox", **options)
 
+    def reconnect(self) -> Any:
+        """A new connection, trying again for :attr:`reconnect_window`
+        seconds (with back-off) while the server cannot be reached, as
+        while it restarts."""
+        import psycopg
+
+        deadline = time.monotonic() + self.reconnect_window
+        delay = 0.05
+        while True:
+            try:
+                return self.connect()
+            except psycopg.OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     def _take(self) -> Any:
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's connections
                 self._free, self._pid = [], os.getpid()  # are not ours
             if self._free:
                 return self._free.pop()
-        return self.connect()
+        return self.reconnect()
 
     def _give(self, conn: Any) -> None:
         if not conn.broken and not conn.closed:
@@ -159,10 +191,10 @@ class Connections:
             if not conn.broken or not retry:
                 raise
             log.warning("lost the connection to %s (%s): reconnecting",
-                        self.url.path, redact(str(exc).strip(), self.url.password))
+                        self.url.path, describe(exc, self.url.password))
             conn.close()
             self.discard_idle()
-            conn = self.connect()
+            conn = self.reconnect()
             return work(conn)
         finally:
             self._give(conn)

@@ -32,6 +32,7 @@ from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Scan
 from mailoutbox.postgresql._conn import Connections
 from mailoutbox.postgresql._conn import QueueURL
+from mailoutbox.postgresql._conn import describe
 from mailoutbox.postgresql.watcher import NotifyWatcher
 from mailoutbox.relays import check_name
 
@@ -361,7 +362,8 @@ class PostgreSQLClaim:
             self._mine(self.store.sql.renew, lease=self.lease)
         except psycopg.Error as exc:
             log.warning("could not renew the claim of message %s in %s: %s",
-                        self.entry.name, self.store.path, exc)
+                        self.entry.name, self.store.path,
+                        describe(exc, self.store.url.password))
 
     def retry_state(self) -> dict[str, Any] | None:
         return self.store.retry_state(self.entry)

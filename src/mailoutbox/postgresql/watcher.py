@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailoutbox.postgresql._conn import Connections
-from mailoutbox.postgresql._conn import redact
+from mailoutbox.postgresql._conn import describe
 from mailoutbox.wakeup import ALL
 
 __all__ = ["NotifyWatcher"]
@@ -105,7 +105,7 @@ class NotifyWatcher:
                     self._failed.set()
                 log.warning("not listening for new messages in %s (%s): trying"
                             " again in %.1f s", self.connections.url.path,
-                            redact(str(exc).strip(), self.connections.url.password),
+                            describe(exc, self.connections.url.password),
                             delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, most)
