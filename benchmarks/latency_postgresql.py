@@ -4,7 +4,7 @@ with a ``mailoutbox run URL --daemon`` woken by LISTEN/NOTIFY.
 Usage::
 
     python benchmarks/latency_postgresql.py [--messages 100] [--spacing 0.25]
-        [--interval 3] [--idle 10] [--via auto|delivery|sql]
+        [--interval 3] [--idle 10] [--via auto|delivery|sql] [--two-phase]
         [--only postgresql maildir idle]
 
 Starts a durable PostgreSQL server (fsync on) in a temporary folder, creates
@@ -20,7 +20,9 @@ start of the commit to the end of DATA at the server (as
   ``QueuedMailDelivery(url)`` (its own connection) when it accepts a URL
   (``--via delivery``), else (``--via sql``) by an INSERT and
   ``SELECT pg_notify(table, '')`` in one transaction of a psycopg
-  connection -- what the delivery writes;
+  connection -- what the delivery writes.  With ``--two-phase`` the
+  server allows prepared transactions, and the delivery commits by
+  two-phase commit (else as the last resource);
 - ``maildir``: the same daemon draining a Maildir queue, through
   ``QueuedMailDelivery(path)``, for comparison;
 - ``idle``: the CPU time the idle PostgreSQL daemon uses over ``--idle``
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--via", choices=["auto", "delivery", "sql"],
                         default="auto")
+    parser.add_argument("--two-phase", action="store_true",
+                        help="max_prepared_transactions = 10 on the server")
     parser.add_argument("--only", nargs="+", default=["postgresql", "maildir", "idle"],
                         choices=["postgresql", "maildir", "idle"])
     args = parser.parse_args()
@@ -109,18 +113,19 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, load average"
           f" {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
           f" interval {args.interval} s, {args.messages} messages"
-          f" {args.spacing} s apart; PostgreSQL messages committed via {via}",
-          flush=True)
-    with postgresql_server() as server, Recorder() as recorder, \
+          f" {args.spacing} s apart; PostgreSQL messages committed via {via}"
+          f"{' (two-phase commit allowed)' if args.two_phase else ''}", flush=True)
+    settings = {"max_prepared_transactions": 10} if args.two_phase else None
+    with postgresql_server(settings) as server, Recorder() as recorder, \
             tempfile.TemporaryDirectory() as tmp:
-        url = f"{server}?table={TABLE}"
-        with psycopg.connect(server) as conn:
+        url = f"{server.url}?table={TABLE}"
+        with psycopg.connect(server.url) as conn:
             init(conn, TABLE)
 
         def commit(label: str, count: int, spacing: float) -> list[float]:
             if via == "delivery":
                 return measure(url, recorder, label, count, spacing)
-            return measure_sql(server, recorder, label, count, spacing)
+            return measure_sql(server.url, recorder, label, count, spacing)
 
         if "postgresql" in args.only or "idle" in args.only:
             with daemon(url, recorder.port, args.interval) as proc:
