@@ -2,11 +2,18 @@
 real server (in-process for coverage, and as real subprocesses)."""
 from __future__ import annotations
 
+import json
 import sys
+import time
 
+import pytest
+
+from mailoutbox.maildir import Entry
 from mailoutbox.postgresql import open_queue
 from mailoutbox.postgresql.schema import VERSION
+from mailoutbox.postgresql.store import QUEUE
 from tests import pg_fixtures
+from tests.pg_fixtures import insert
 from tests.pg_fixtures import raw_url
 from tests.pg_fixtures import table_url
 from tests.test_cli import cli
@@ -98,3 +105,102 @@ def test_init_without_psycopg(pg_server, monkeypatch):
     assert result.code == 4
     assert "pip install 'mailoutbox[postgresql]'" in one_line(result.err)
 
+
+
+# -- the commands on a URL, as subprocesses ---------------------------------------
+
+def fill(store):
+    """A queued, a relay's, a deferred and a failed message; their ids."""
+    def message(letter, **options):
+        return insert(store, message=(f"Message-Id: <{letter}@example.com>\n"
+                                      f"Subject: {letter}\n\nbody\n").encode(),
+                      message_id=f"<{letter}@example.com>", **options)
+    queued = message("a")
+    relayed = message("b", relay="r1")
+    deferred = message("c")
+    claim = store.claim(Entry(QUEUE, deferred), 30, exact=True)
+    claim.defer(time.time() + 600, {"attempts": 1, "error": "451 later",
+                                    "next_attempt": time.time() + 600})
+    failed = message("d")
+    store.move_to_failed(Entry(QUEUE, failed), {
+        "error": "550 no such user", "permanent": True, "time": time.time()})
+    return queued, relayed, deferred, failed
+
+
+@pytest.fixture
+def filled(pg_server):
+    url = table_url(pg_server)
+    store = open_queue(url)
+    yield url, store, fill(store)
+    store.close()
+
+
+def run(*argv):
+    result = python_m(*argv)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def test_status_and_list(filled):
+    url, _store, (queued, relayed, deferred, failed) = filled
+    code, out, err = run("status", url, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["queue"] == url
+    assert (data["queued"], data["deferred"], data["sending"], data["failed"]) == (
+        2, 1, 0, 1)  # the relay's too
+    assert data["relays"]["r1"]["queued"] == 1
+    code, out, err = run("list", url, "--all")
+    assert code == 0, err
+    lines = [line.split()[:2] for line in out.splitlines()
+             if not line.startswith(" ")]
+    assert lines == [[queued, "queued"], [relayed, "queued"],
+                     [deferred, "deferred"], [failed, "failed"]]
+    assert "550 no such user" in out and "via r1" in out
+
+
+def test_show(filled):
+    url, _store, (queued, *_rest) = filled
+    code, out, err = run("show", url, queued)
+    assert code == 0, err
+    assert "Message-Id: <a@example.com>" in out and "from@example.com" in out
+    code, out, err = run("show", url, "12345")
+    assert code == 3
+    assert one_line(err)
+
+
+def test_retry_and_purge(filled):
+    url, store, (queued, relayed, deferred, failed) = filled
+    code, out, err = run("retry", url, deferred, failed)
+    assert code == 0, err
+    assert f"{deferred}: deferred -> queued" in out
+    assert f"{failed}: failed -> queued" in out
+    assert store.scan().retry_at == {} and store.failed_entries() == []
+    code, out, err = run("purge", url, queued, relayed)
+    assert code == 0, err
+    assert "2 message(s) deleted" in out
+    assert [e.name for e in store.scan().entries] == [deferred, failed]
+    assert store.relay("r1").scan().entries == []
+
+
+def test_run_sends_the_queue(filled, smtp_server):
+    url, store, (queued, relayed, deferred, _failed) = filled
+    code, out, err = run("run", url, "--port", str(smtp_server.port),
+                         "--no-tls", "--no-progress")
+    assert smtp_server.message_ids() == ["a@example.com"]
+    assert code == 1, err  # the relay's message has no mailer: deferred
+    assert out.startswith("sent 1, ")
+    assert "relay r1: sent 0, deferred 1" in out
+    assert store.find(queued) is None
+    assert set(store.scan().retry_at) == {deferred}
+    assert set(store.relay("r1").scan().retry_at) == {relayed}
+
+
+def test_commands_on_a_missing_schema_or_database(pg_server):
+    url = raw_url(pg_server, "absent")
+    code, _out, err = run("status", url)
+    assert code == 2
+    assert f"create it with 'mailoutbox init {url}'" in one_line(err)
+    url = f"postgresql://postgres:s3cret@127.0.0.1:{pg_server.port + 1}/db"
+    code, _out, err = run("list", url + "?connect_timeout=5")
+    assert code != 0
+    assert "cannot connect to" in one_line(err) and "s3cret" not in err
