@@ -102,6 +102,8 @@ def test_sender_from_the_sender_header(queue_path):
     ([], b"", "no message on standard input"),
     ([], b"To: a@example.org\n\nbody\n",
      "cannot queue the message: no sender: the message has no Sender or From"),
+    ([], b"To: a@example.org\n\nbody\n", "add one or give --from"),
+    ([], b"From: a@example.org\n\nbody\n", "add one or give --to"),
     ([], b"From: a@example.org\n\nbody\n",
      "cannot queue the message: no recipient: the message has no address"),
     (["--subject", "s", "--to", "a@example.org"], b"",

@@ -204,3 +204,25 @@ def test_commands_on_a_missing_schema_or_database(pg_server):
     code, _out, err = run("list", url + "?connect_timeout=5")
     assert code != 0
     assert "cannot connect to" in one_line(err) and "s3cret" not in err
+
+
+def test_a_schema_newer_than_this_mailoutbox(pg_server):
+    url = table_url(pg_server)
+    table = url.rsplit("=", 1)[1]
+    import psycopg
+    with psycopg.connect(pg_server.url, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {table}_schema VALUES (99)")  # noqa: S608
+    with pytest.raises(ValueError, match="newer than this mailoutbox knows"):
+        open_queue(url)
+    result = cli("init", url)
+    assert result.code == 4
+    assert "newer than this mailoutbox knows" in one_line(result.err)
+
+
+def test_init_refuses_an_unknown_version(pg_server):
+    import psycopg
+
+    from mailoutbox.postgresql.schema import init
+    with psycopg.connect(pg_server.url, autocommit=True) as conn, \
+            pytest.raises(ValueError, match="no schema version 0"):
+        init(conn, "whatever", 0)

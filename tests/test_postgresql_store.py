@@ -423,9 +423,13 @@ def test_idle_connections_are_bounded(store):
         conns._give(conn)
     assert len(conns._free) == conns.idle
     assert sum(c.closed for c in extra) == 2
+    kept = list(conns._free)
     conns._pid = -1  # as in a child after fork(): the parent's are not used
     assert store.scan().entries == []
     assert conns._pid == os.getpid()
+    assert conns._inherited == kept and not any(c.closed for c in kept)
+    for conn in kept:
+        conn.close()
 
 
 # -- the watcher -----------------------------------------------------------------------

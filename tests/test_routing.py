@@ -418,7 +418,7 @@ def test_foreign_entries_in_the_relays_folder_are_left_alone(
     assert processor.process_queue().sent == 1
     assert processor.process_queue().sent == 0
     assert len(waiting(elsewhere)) == 1
-    assert caplog.text.count("ignoring the relay folder") == 1
+    assert caplog.text.count("ignoring the relay 'not-a-maildir'") == 1
     assert servers["main"].messages == []
 
 
@@ -566,6 +566,7 @@ def test_relay_errors_in_the_thread_are_logged(queue_path, servers, make_process
 
     processor = make_processor(servers, interval=0.01)
     processor.maildir_factory = Flaky
+    processor.setQueuePath(queue_path)  # its relays are opened by it too
     processor.start()
     wait_until(lambda: servers["fast"].messages)
     assert caplog.text.count("error while processing the queue") == 2
@@ -585,6 +586,7 @@ def test_relay_errors_in_one_pass_are_logged_and_the_others_go_on(
             return super().scan()
 
     processor.maildir_factory = Broken
+    processor.setQueuePath(queue_path)  # its relays are opened by it too
     stats = processor.process_queue()
     assert stats.sent == 1 and list(stats.relays) == ["fast"]
     assert "error while processing the queue" in caplog.text

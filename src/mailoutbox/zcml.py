@@ -189,7 +189,7 @@ class IQueuedDeliveryDirective(IDeliveryDirective):
     )
     concurrency = Int(
         title="Messages sent at the same time (SMTP connections)",
-        default=4,
+        default=DEFAULT_CONCURRENCY,
         min=1,
         required=False,
     )

@@ -16,6 +16,7 @@ its attempts forgotten.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 from typing import Any
 
@@ -119,7 +120,8 @@ def move(args: argparse.Namespace, console: Console) -> int:
             fromaddr, toaddrs, message = parse_queue_file(claim.read())
             # A message without a Message-Id gets one made from its name,
             # so that a resumed move recognises it.
-            message, _id = prepare_message(message, lambda: _made_id(info.name))
+            made = _made_id(info.name)
+            message, _id = prepare_message(message, functools.partial(str, made))
             key = _key(fromaddr, toaddrs, message)
             if key not in present:
                 manager = delivery.transaction_manager

@@ -173,6 +173,9 @@ def queue_message(path: str, fromaddr: str | None, toaddrs: list[str] | None,
                                            mailer=relay)
     except (ValueError, TypeError) as exc:
         manager.abort()
-        raise CLIError(f"cannot queue the message: {exc}") from None
+        # The arguments of send_message() are options here.
+        text = str(exc).replace("give fromaddr", "give --from").replace(
+            "give toaddrs", "give --to")
+        raise CLIError(f"cannot queue the message: {text}") from None
     manager.commit()
     return str(message_id)

@@ -127,6 +127,7 @@ class Connections:
         self._free: list[Any] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._inherited: list[Any] = []
 
     def connect(self, autocommit: bool = True) -> Any:
         """A new connection (psycopg's errors if it cannot be made)."""
@@ -156,8 +157,11 @@ class Connections:
 
     def _take(self) -> Any:
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's connections
-                self._free, self._pid = [], os.getpid()  # are not ours
+            if self._pid != os.getpid():
+                # Forked: the parent's connections are not ours to use, nor
+                # to close (closing would end the parent's sessions).
+                self._inherited += self._free
+                self._free, self._pid = [], os.getpid()
             if self._free:
                 return self._free.pop()
         return self.reconnect()

@@ -49,6 +49,8 @@ FAILED = "failed"
 #: that must never be broken) is that long.
 MAX_LEASE = 1e9
 
+_NO_WAIT = "SET LOCAL synchronous_commit TO off"
+
 _HOLDER = f"{socket.gethostname()}:{{pid}}"
 
 
@@ -97,11 +99,16 @@ class _Queries:
                 "UPDATE {t} SET claimed_by = %(by)s, claimed_until ="
                 " clock_timestamp() + %(lease)s * interval '1 second'"
                 " WHERE id = coalesce("
-                "(SELECT id FROM {t} WHERE id = %(id)s AND {free_due}"
+                "(SELECT id FROM {t} WHERE id = %(id)s AND {free_row}"
                 " FOR UPDATE SKIP LOCKED), "
                 "(SELECT id FROM {t} WHERE {free_due}"
                 " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
-                " RETURNING id", free_due=free_due.replace("{lane}", lane)))
+                " RETURNING id, fromaddr, toaddrs, message",
+                free_due=free_due.replace("{lane}", lane),
+                # (Not "relay = ...": found by the primary key, never by
+                # scanning the lane's index; relay names are never empty.)
+                free_row=free_due.replace(
+                    "{lane}", "coalesce(relay, '') = coalesce(%(relay)s, '')")))
             setattr(self, "failed" + suffix, q(
                 "SELECT id FROM {t} WHERE state = 'failed' AND {lane}"
                 " ORDER BY id", lane=lane))
@@ -109,7 +116,8 @@ class _Queries:
             "UPDATE {t} SET claimed_by = %(by)s, claimed_until ="
             " clock_timestamp() + %(lease)s * interval '1 second'"
             " WHERE id = %(id)s AND state = 'queued'"
-            " AND (claimed_until IS NULL OR claimed_until < now()) RETURNING id")
+            " AND (claimed_until IS NULL OR claimed_until < now())"
+            " RETURNING id, fromaddr, toaddrs, message")
         self.relays = q("SELECT DISTINCT relay FROM {t} WHERE state <> 'sent'"
                         " AND relay IS NOT NULL ORDER BY relay")
         self.find = q("SELECT state FROM {t} WHERE id = %s")
@@ -223,11 +231,19 @@ class PostgreSQLQueue:
         params = {"by": holder, "lease": min(float(lease), MAX_LEASE),
                   "relay": self.lane,
                   "id": int(entry.name) if entry.name.isdigit() else 0}
-        row = self._one(self.sql.claim_exact if exact else self._lane("claim"),
-                        params)
+        query = self.sql.claim_exact if exact else self._lane("claim")
+
+        def work(conn: Any) -> Any:
+            # A claim need not wait for the disk: if a crash of the database
+            # loses it, the message is still queued (and was in flight).
+            with conn.transaction():
+                conn.execute(_NO_WAIT)
+                return conn.execute(query, params).fetchone()
+        row = self.connections.run(work)
         if row is None:
             return None
-        return PostgreSQLClaim(self, Entry(QUEUE, str(row[0])), holder, lease)
+        return PostgreSQLClaim(self, Entry(QUEUE, str(row[0])), holder, lease,
+                               _queue_file(*row[1:]))
 
     def recover(self) -> int:
         """Nothing to roll forward: a row is queued by its transaction's
@@ -334,11 +350,13 @@ class PostgreSQLClaim:
     """
 
     def __init__(self, store: PostgreSQLQueue, entry: Entry, holder: str,
-                 lease: float) -> None:
+                 lease: float, data: bytes | None = None) -> None:
         self.store = store
         self.entry = entry
         self.holder = holder
         self.lease = min(float(lease), MAX_LEASE)
+        #: The message as claimed (read once without asking the database).
+        self._data = data
         self._params = {"id": int(entry.name), "by": holder}
 
     def __repr__(self) -> str:
@@ -351,7 +369,8 @@ class PostgreSQLClaim:
             retry=retry))
 
     def read(self) -> bytes:
-        return self.store.read(self.entry)
+        data, self._data = self._data, None
+        return self.store.read(self.entry) if data is None else data
 
     def renew(self) -> None:
         """Extend the lease; a database error is logged (the claim then
@@ -382,6 +401,7 @@ class PostgreSQLClaim:
 
     def rewrite(self, data: bytes) -> None:
         fromaddr, toaddrs, message = parse_queue_file(data)
+        self._data = None
         self._mine(self.store.sql.rewrite, **{"from": fromaddr, "to": list(toaddrs),
                                               "message": message})
 
