@@ -69,7 +69,8 @@ def test_status_json_counts_every_state(queue):
     data = json.loads(result.out)
     assert set(data) == {
         "version", "queue", "time", "queued", "deferred", "sending", "failed",
-        "oldest_age", "next_attempt", "oldest_failed_age",
+        "oldest_age", "next_attempt", "oldest_failed_age", "scheduled",
+        "next_scheduled",
     }
     assert data["version"] == 1
     assert data["queue"] == os.path.abspath(queue.path)
@@ -80,6 +81,7 @@ def test_status_json_counts_every_state(queue):
     assert 0 <= data["oldest_age"] < 60
     assert 0 <= data["oldest_failed_age"] < 60
     assert data["next_attempt"] == pytest.approx(time.time() + HOUR, abs=60)
+    assert (data["scheduled"], data["next_scheduled"]) == (0, None)
 
 
 def test_status_text(queue):
@@ -171,12 +173,15 @@ def test_list_json_keys(queue):
         "error": "451 greylisted",
         "code": 451,
         "server": None,
+        "not_before": None,
+        "priority": 0,
     }
 
 
 def test_list_empty(queue_path):
     Maildir(queue_path, create=True)
-    assert cli("list", queue_path).out == "no queued or deferred or sending messages\n"
+    assert cli("list", queue_path).out == (
+        "no queued or deferred or scheduled or sending messages\n")
     assert cli("list", queue_path, "--failed").out == "no failed messages\n"
 
 

@@ -140,6 +140,7 @@ def run(*argv):
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
+@pytest.mark.slow
 def test_status_and_list(filled):
     url, _store, (queued, relayed, deferred, failed) = filled
     code, out, err = run("status", url, "--json")
@@ -226,3 +227,20 @@ def test_init_refuses_an_unknown_version(pg_server):
     with psycopg.connect(pg_server.url, autocommit=True) as conn, \
             pytest.raises(ValueError, match="no schema version 0"):
         init(conn, "whatever", 0)
+
+
+def test_scheduled_messages_are_listed_as_such(pg_server):
+    url = table_url(pg_server)
+    store = open_queue(url)
+    try:
+        when = time.time() + 3600
+        name = insert(store, not_before=when, priority=10,
+                      message=b"Subject: later\n\nbody\n")
+        code, out, err = run("list", url, "--json")
+        assert code == 0, err
+        (message,) = json.loads(out)["messages"]
+        assert (message["id"], message["state"], message["priority"]) == (
+            name, "scheduled", 10)
+        assert message["not_before"] == pytest.approx(when, abs=1)
+    finally:
+        store.close()

@@ -122,7 +122,8 @@ def test_a_dead_processors_claims_expire(pg_url, smtp_server, make_processor):
 
 
 @pytest.mark.slow
-def test_a_database_restart_mid_drain(pg_server, smtp_server, make_processor):
+def test_a_database_restart_mid_drain(pg_server, smtp_server, make_processor,
+                                      caplog):
     url = pg_fixtures.table_url(pg_server)
     store = open_queue(url)
     try:
@@ -141,5 +142,31 @@ def test_a_database_restart_mid_drain(pg_server, smtp_server, make_processor):
         # may have been sent twice.
         assert duplicates <= 2, duplicates
         assert set(received) == set(ids)
+        # The store waited for the server: no statement failed, so no
+        # message sent was left claimed in the queue (to be sent again once
+        # its lease ran out).
+        assert "could not remove" not in caplog.text
+        assert "unexpected error" not in caplog.text
     finally:
         store.close()
+
+
+def test_a_committed_send_wakes_the_processor(pg_server, smtp_server,
+                                             make_processor, tm):
+    """End to end: QueuedMailDelivery(url) commits a row and its NOTIFY; an
+    idle processor (polling hourly) sends it at once."""
+    from mailoutbox.delivery import QueuedMailDelivery
+
+    url = pg_fixtures.table_url(pg_server)
+    processor = make_processor(url, smtp_server.port, interval=3600)
+    processor.start()
+    wait_for(lambda: processor.maildir is not None and getattr(
+        processor, "_pass_owner", None) is processor)
+    time.sleep(0.5)  # the first pass (of an empty queue) is over
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    tm.begin()
+    message_id = delivery.send("a@example.com", ["b@example.com"],
+                               b"Subject: now\n\nbody\n")
+    tm.commit()
+    wait_for(lambda: smtp_server.message_ids() == [message_id])
+    assert processor.maildir.scan().entries == []

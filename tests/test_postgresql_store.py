@@ -23,6 +23,7 @@ from mailoutbox.postgresql._conn import parse_url
 from mailoutbox.postgresql.store import FAILED
 from mailoutbox.postgresql.store import QUEUE
 from mailoutbox.postgresql.store import PostgreSQLQueue
+from mailoutbox.schedule import scheduled_for
 from mailoutbox.stores import open_store
 from mailoutbox.wakeup import ALL
 from tests import pg_fixtures
@@ -156,6 +157,22 @@ def test_scan_orders_by_priority_then_age(store):
     claim = store.claim(scan.entries[0], 30)
     assert store.scan().claimed == {high}
     claim.release()
+
+
+def test_priority_and_schedule(store):
+    when = time.time() + 3600
+    later = insert(store, not_before=when, priority=-10)
+    high = insert(store, priority=10)
+    assert store.priority(Entry(QUEUE, high)) == 10
+    assert store.priority(Entry(QUEUE, later)) == -10
+    assert store.priority(Entry(QUEUE, "999999")) == 0
+    state = store.retry_state(Entry(QUEUE, later))
+    assert state == {"not_before": pytest.approx(when, abs=1e-3), "attempts": 0}
+    assert scheduled_for(state) == pytest.approx(when, abs=1e-3)
+    assert store.retry_state(Entry(QUEUE, high)) is None
+    claim = store.claim(Entry(QUEUE, later), 30, exact=True)
+    claim.defer(when, {**state, "attempts": 1, "error": "451"})
+    assert store.retry_state(Entry(QUEUE, later))["attempts"] == 1
 
 
 def test_claim_takes_the_entry_or_the_next_free_due_one(store):
@@ -526,3 +543,20 @@ def test_reconnect_gives_up_after_its_window(pg_server):
     with pytest.raises(psycopg.OperationalError):
         conns.run(lambda conn: None)
     assert 0.1 < time.monotonic() - started < 30  # slept, then gave up
+
+
+def test_watcher_hears_both_names_of_a_qualified_table(store):
+    from mailoutbox.postgresql.watcher import NotifyWatcher
+    woken = []
+    watcher = NotifyWatcher(store.connections, "public.outbox", woken.append,
+                            "test-wakeup")
+    assert watcher.channels == ["outbox", "public.outbox"]
+    assert watcher.start()
+    try:
+        for channel, relay in (("outbox", ""), ("public.outbox", "r1")):
+            store.connections.run(lambda conn, c=channel, r=relay: conn.execute(
+                "SELECT pg_notify(%s, %s)", (c, r)))
+        wait_for(lambda: len(woken) == 2)
+        assert woken == [{None}, {"r1"}]
+    finally:
+        watcher.close()

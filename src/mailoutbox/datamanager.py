@@ -8,7 +8,10 @@ happens when the transaction commits:
 
 - :class:`QueuedDataManager`: ``tpc_vote`` writes each message into
   ``tmp/`` of the queue and fsyncs it; ``tpc_finish`` renames them into
-  ``new/`` and fsyncs ``new/`` once.  A message routed to a named mailer
+  ``new/`` and fsyncs ``new/`` once.  A message sent with ``not_before``
+  gets its retry state in ``new/`` in ``tpc_vote`` (written and fsynced,
+  and ``new/`` fsynced, before the message can enter it: see
+  :mod:`mailoutbox.schedule`).  A message routed to a named mailer
   goes to the relay folder of that mailer instead
   (:mod:`mailoutbox.relays`), in the same way.  A crash between the two leaves only
   files in ``tmp/``, which are never sent and are removed by
@@ -40,6 +43,7 @@ from zope.interface import implementer
 
 from mailoutbox import wakeup
 from mailoutbox._commit import CommitRecord
+from mailoutbox._files import unlink
 from mailoutbox.address import parse_address
 from mailoutbox.errors import classify
 from mailoutbox.errors import is_permanent_code
@@ -161,6 +165,8 @@ class QueuedDataManager(_DataManager):
         self.maildirs: dict[str | None, Maildir] = {}
         #: The commit record of a transaction with two messages or more.
         self.record: CommitRecord | None = None
+        #: The retry states written for scheduled messages (paths).
+        self.scheduled: list[str] = []
 
     def tpc_vote(self, txn: Any) -> None:
         """Write and fsync every message in ``tmp/``; on failure remove what
@@ -178,16 +184,26 @@ class QueuedDataManager(_DataManager):
                 maildir = self.maildirs.get(relay)
                 if maildir is None:
                     maildir = self.delivery.maildir(relay)
+                # newMessage() is IMaildir's: given a priority only when
+                # there is one.
+                options = (message.priority,) if message.priority else ()
                 try:
-                    writer = maildir.newMessage()
+                    writer = maildir.newMessage(*options)
                 except FileNotFoundError:  # the folder was removed: make it
                     maildir = self.delivery.maildir(relay, fresh=True)
-                    writer = maildir.newMessage()
+                    writer = maildir.newMessage(*options)
                 self.maildirs[relay] = maildir
                 self.writers.append((message_id, writer))
                 writer.write(message.envelope)
                 writer.write(message.data)
                 writer.sync()
+                if message.not_before is not None:
+                    self.scheduled.append(
+                        maildir.schedule(writer.name, message.not_before))
+            if self.scheduled:  # the retry states are in new/ before the messages
+                for relay in {m.relay for m in self.messages
+                              if m.not_before is not None}:
+                    self.maildirs[relay].sync_new()
             if len(self.writers) > 1:
                 what = "messages " + ", ".join(f"<{i}>" for i, _w in self.writers)
                 self.record = CommitRecord(self.delivery.maildir(None),
@@ -248,12 +264,16 @@ class QueuedDataManager(_DataManager):
         if self.writers:  # start the processor's pass now (never raises)
             wakeup.committed(self.delivery.queuePath, self.maildirs)
         self.writers = []
+        self.scheduled = []
         self.messages = []
 
     def _abort(self) -> None:
         record, self.record = self.record, None
         if record is not None:
             record.remove()
+        scheduled, self.scheduled = self.scheduled, []
+        for path in scheduled:
+            unlink(path)
         for message_id, writer in self.writers:
             try:
                 writer.abort()

@@ -14,9 +14,11 @@ manager) and ``QueueProcessorThread`` (from :mod:`mailoutbox.queue`).
 """
 from __future__ import annotations
 
+import datetime
 import email.message
 import logging
 import sys
+import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -44,6 +46,9 @@ from mailoutbox.message import prepare_message
 from mailoutbox.relays import check_name
 from mailoutbox.relays import check_names
 from mailoutbox.relays import open_relay
+from mailoutbox.schedule import check_not_before
+from mailoutbox.schedule import check_priority
+from mailoutbox.stores import is_url
 
 __all__ = [
     "AbstractMailDelivery",
@@ -90,15 +95,25 @@ class AbstractMailDelivery:
 
     def _message(self, fromaddr: str, toaddrs: Iterable[str],
                  message: bytes | str | email.message.Message,
-                 mailer: str | None) -> _Message:
+                 mailer: str | None, not_before: Any = None,
+                 priority: Any = None) -> _Message:
         """Check and prepare what ``send()`` was given."""
         relay = self._route(mailer)
+        when = self._not_before(check_not_before(not_before))
+        rank = check_priority(priority)
         fromaddr = check_sender(fromaddr)
         recipients = check_recipients(toaddrs)
         data, message_id = prepare_message(message, self.newMessageId)
         prepared = self._prepare(message_id, fromaddr, recipients, data)
         prepared.relay = relay
+        prepared.not_before = when
+        prepared.priority = rank
         return prepared
+
+    def _not_before(self, when: float | None) -> float | None:
+        """Accept the time checked by
+        :func:`~mailoutbox.schedule.check_not_before` (or refuse it)."""
+        return when
 
     def _manager(self) -> Any:
         manager = self.transaction_manager
@@ -116,14 +131,17 @@ class AbstractMailDelivery:
         data manager), so overriding it changes nothing there.
         """
         datamanager = self.datamanager_factory(self, self._manager())
-        datamanager.messages.append(self._message(fromaddr, toaddrs, message, None))
+        self._add(datamanager, self._message(fromaddr, toaddrs, message, None))
         return datamanager
 
     def send(self, fromaddr: str, toaddrs: Iterable[str],
              message: bytes | str | email.message.Message,
-             mailer: str | None = None) -> str:
+             mailer: str | None = None, *,
+             not_before: datetime.datetime | datetime.timedelta | float | None = None,
+             priority: str | int | None = None) -> str:
         """See :meth:`mailoutbox.interfaces.IMailDelivery.send`."""
-        prepared = self._message(fromaddr, toaddrs, message, mailer)
+        prepared = self._message(fromaddr, toaddrs, message, mailer,
+                                 not_before, priority)
         message_id, relay = prepared.message_id, prepared.relay
         manager = self._manager()
         txn = manager.get()
@@ -151,7 +169,7 @@ class AbstractMailDelivery:
                     " transaction first (with transaction_manager: ...)"
                 ) from exc
             txn.set_data(self, datamanager)
-        datamanager.messages.append(prepared)
+        self._add(datamanager, prepared)
         if relay is None:
             log.debug("message %s will be sent if the transaction commits",
                       message_id)
@@ -160,13 +178,20 @@ class AbstractMailDelivery:
                       " commits", message_id, relay)
         return message_id
 
+    def _add(self, datamanager: _DataManager, prepared: _Message) -> None:
+        datamanager.messages.append(prepared)
+
     def send_message(self, message: bytes | str | email.message.Message,
                      fromaddr: str | None = None,
                      toaddrs: Iterable[str] | None = None,
-                     mailer: str | None = None) -> str:
+                     mailer: str | None = None, *,
+                     not_before: datetime.datetime | datetime.timedelta | float
+                     | None = None,
+                     priority: str | int | None = None) -> str:
         """See :meth:`mailoutbox.interfaces.IMailDelivery.send_message`."""
         fromaddr, toaddrs, data = prepare_send_message(message, fromaddr, toaddrs)
-        return self.send(fromaddr, toaddrs, data, mailer=mailer)
+        return self.send(fromaddr, toaddrs, data, mailer=mailer,
+                         not_before=not_before, priority=priority)
 
     def _prepare(self, message_id: str, fromaddr: str,
                  toaddrs: tuple[str, ...], data: bytes) -> _Message:
@@ -266,16 +291,38 @@ class QueuedMailDelivery(AbstractMailDelivery):
     may be routed to with ``send(..., mailer=NAME)``: a collection of
     names, or a mapping whose keys are the names (the mailers themselves
     are the processor's business).
+
+    A ``postgresql://`` URL for *queuePath* queues into a PostgreSQL table
+    (:mod:`mailoutbox.postgresql.datamanager`): through the connection
+    that *connection* (a callable) returns for the current transaction, or
+    through connections of the delivery's own (two-phase commit if the
+    server allows it).  *connection* is only for such a URL.
     """
 
     datamanager_factory = QueuedDataManager
+    #: The writer of a PostgreSQL queue (None: a Maildir queue).
+    postgresql: Any = None
 
     def __init__(self, queuePath: str, transaction_manager: Any = None,
-                 mailers: Iterable[str] | Mapping[str, Any] | None = None) -> None:
+                 mailers: Iterable[str] | Mapping[str, Any] | None = None,
+                 connection: Callable[[], Any] | None = None) -> None:
         super().__init__(transaction_manager)
         self.queuePath = str(queuePath)
         self.mailer_names = check_names(mailers)
         self._maildirs: dict[str | None, Maildir] = {}
+        if is_url(self.queuePath):
+            from mailoutbox.postgresql.datamanager import QueueWriter
+            self.postgresql = QueueWriter(self.queuePath, connection)
+            self.datamanager_factory = self.postgresql.datamanager_factory
+        elif connection is not None:
+            raise ValueError(
+                "connection= needs a postgresql:// queue URL, not the folder"
+                f" {self.queuePath!r}")
+
+    def _add(self, datamanager: _DataManager, prepared: _Message) -> None:
+        if self.postgresql is not None:
+            self.postgresql.add(prepared)
+        datamanager.messages.append(prepared)
 
     def maildir(self, relay: str | None = None, fresh: bool = False) -> Maildir:
         """The :class:`~mailoutbox.maildir.Maildir` of the queue (*relay*
@@ -291,10 +338,14 @@ class QueuedMailDelivery(AbstractMailDelivery):
         return maildir
 
     def __repr__(self) -> str:
+        if self.postgresql is not None:
+            return f"<QueuedMailDelivery {self.postgresql.shown!r}>"
         return f"<QueuedMailDelivery {self.queuePath!r}>"
 
     def _prepare(self, message_id: str, fromaddr: str,
                  toaddrs: tuple[str, ...], data: bytes) -> _Message:
+        if self.postgresql is not None:
+            return _Message(message_id, fromaddr, toaddrs, data)
         envelope = format_envelope(fromaddr, toaddrs)
         return _Message(message_id, fromaddr, toaddrs, data, envelope)
 
@@ -321,6 +372,17 @@ class DirectMailDelivery(AbstractMailDelivery):
             )
         self.mailers: dict[str, Any] = dict(mailers or {})
         self.mailer_names = check_names(self.mailers)
+
+    def _not_before(self, when: float | None) -> float | None:
+        """A direct delivery cannot wait: a time still to come is refused."""
+        if when is not None and when > time.time():
+            utc = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+            raise ValueError(
+                "a direct delivery sends when the transaction commits and"
+                f" cannot wait: not_before is {utc:%Y-%m-%d %H:%M:%S} UTC;"
+                " schedule the message through a queued delivery"
+            )
+        return when
 
     def mailer_for(self, relay: str | None) -> Any:
         """The mailer of messages routed to *relay* (None: :attr:`mailer`)."""

@@ -56,7 +56,8 @@ __all__ = [
 class IMailDelivery(Interface):
     """A utility that sends mail as part of a transaction."""
 
-    def send(fromaddr, toaddrs, message, mailer=None):
+    def send(fromaddr, toaddrs, message, mailer=None, *, not_before=None,
+             priority=None):
         """Send *message* from *fromaddr* to every address in *toaddrs*.
 
         *fromaddr* is the envelope sender, a ``str``.  *toaddrs* is a
@@ -85,6 +86,20 @@ class IMailDelivery(Interface):
         zope.sendmail processor never looks (see the documentation chapter
         "Routing").
 
+        *not_before*, if given, is the earliest time the message may be
+        sent: a timezone-aware :class:`~datetime.datetime`, a
+        :class:`~datetime.timedelta` from now, or seconds since the epoch (a
+        naive datetime is refused).  A queued delivery keeps the message
+        back until then (``mailoutbox list`` shows it as scheduled;
+        ``mailoutbox run --flush`` does not send it early); a direct
+        delivery cannot wait and refuses a time still to come.  *priority*
+        is ``"low"``, ``"normal"`` (the default), ``"high"`` or a number
+        from -100 to 100 (those names are -10, 0 and 10): a queue
+        processor sends the due messages of higher priority first, and those
+        of one priority oldest first; a direct delivery ignores it.  A
+        zope.sendmail processor draining the queue ignores both (it sends
+        every message at once).  See :mod:`mailoutbox.schedule`.
+
         Raises :class:`ValueError` or :class:`TypeError`, with nothing joined
         to the transaction and nothing written, when: *toaddrs* is empty or is
         a single string; any address contains NUL, or a CR or LF that is not
@@ -93,13 +108,15 @@ class IMailDelivery(Interface):
         would be read differently on the wire, or (a ``Message``) header
         fields other than its headers once serialized; the existing
         ``Message-Id`` header is malformed; *mailer* is not a name the
-        delivery was configured to route to.
+        delivery was configured to route to; *not_before* or *priority* is
+        not one of the values above.
 
         .. versionadded:: 0.1
-           The *mailer* argument.
+           The *mailer*, *not_before* and *priority* arguments.
         """
 
-    def send_message(message, fromaddr=None, toaddrs=None, mailer=None):
+    def send_message(message, fromaddr=None, toaddrs=None, mailer=None, *,
+                     not_before=None, priority=None):
         """Send the :class:`email.message.Message` *message* (``bytes`` and
         ``str`` are taken too, as by :meth:`send`), to the recipients its
         headers name, as mail clients and ``sendmail -t`` do.
@@ -115,7 +132,8 @@ class IMailDelivery(Interface):
         The ``Bcc`` and ``Resent-Bcc`` headers are removed from what is sent
         or queued, whoever gave the recipients; *message* itself is not
         changed.  Then the message is sent as by :meth:`send` (with the same
-        checks, Message-Id and transaction), through *mailer* if given.
+        checks, Message-Id and transaction), through *mailer* if given,
+        with *not_before* and *priority* as :meth:`send` takes them.
         Returns the Message-Id without its angle brackets.
 
         Raises :class:`ValueError`, with nothing joined to the transaction,
@@ -211,7 +229,8 @@ class IMailQueueProcessor(Interface):
     def process_queue(now=None, on_progress=None, *, flush=False):
         """Make one pass over the queue and its relay folders and return
         what it did (a mailoutbox.workers.Stats).  With *flush*, every
-        deferred message is due, whatever the time of its next attempt.
+        deferred message is due, whatever the time of its next attempt,
+        except those scheduled for later (``send(..., not_before=...)``).
 
         .. versionadded:: 0.1
         """
@@ -555,7 +574,8 @@ class IMaildir(Interface):
     path = TextLine(title="Path", description="Path of the folder.")
 
     def __iter__():
-        """Iterate over the paths of the queued messages, oldest first.
+        """Iterate over the paths of the queued messages, oldest first
+        (mailoutbox: in the order they are sent, higher priority first).
 
         Files whose names start with a dot are skipped, as the Maildir
         specification asks of readers.
@@ -760,6 +780,12 @@ class IQueueStore(Interface):
 
     def retry_state(entry):
         """The retry state of *entry* (a dict), or None."""
+
+    def priority(entry):
+        """The priority of *entry* (an int, higher first, 0 normal).  A
+        message sent with ``not_before`` and not tried yet has the retry
+        state ``{"not_before": T, "attempts": 0}`` and is due at T (see
+        :mod:`mailoutbox.schedule`)."""
 
     def move_to_failed(entry, reason):
         """Move an unclaimed *entry* (one that cannot be sent) to the

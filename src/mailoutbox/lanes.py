@@ -31,7 +31,6 @@ messages in flight are renewed by a thread of their own
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import threading
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailoutbox.ratelimit import relay_limits
+from mailoutbox.schedule import keep_scheduled
 from mailoutbox.wakeup import WakeRequests
 from mailoutbox.workers import Heartbeat
 from mailoutbox.workers import Pass
@@ -158,7 +158,8 @@ class Lanes:
     def start(self, lane: Lane, clock: Callable[[], float],
               on_progress: _Progress | None, flush: bool = False) -> None:
         """List the lane's folder, tidy it up and hand its messages to its
-        workers (with *flush*, the deferred ones too, due or not).  Errors
+        workers (with *flush*, the deferred ones too, due or not, but for
+        those scheduled for later).  Errors
         of the listing, and :class:`~mailoutbox.workers.WorkerStartError`,
         are raised (the lane is then idle)."""
         processor = self.processor
@@ -173,8 +174,8 @@ class Lanes:
             processor.log.exception("error while tidying up %s", maildir.path)
         mailer = processor.mailer if lane.name is None else \
             processor.mailer_for(lane.name)
-        if flush:  # every deferred message is due
-            scan = dataclasses.replace(scan, retry_at={})
+        if flush:  # every deferred message is due, but for scheduled ones
+            scan = keep_scheduled(maildir, scan, clock())
         rate, connections = relay_limits(mailer, processor.rate,
                                          processor.max_connections)
         workers = min(processor.concurrency, connections or processor.concurrency)

@@ -10,7 +10,8 @@ documentation chapter "The queue on disk"; in short::
       + .sending-NAME     claimed by a processor (hard link to NAME; its
                           mtime is the claim's lease, renewed while sending)
       + .retry-NAME       deferred: retry state (JSON); its mtime is the
-                          time of the next attempt
+                          time of the next attempt (written before NAME
+                          enters new/ for a message sent with not_before)
       .rejected-NAME      rejected by zope.sendmail (adopted into failed/)
     failed/NAME           failed permanently
       + .reason-NAME      why (JSON)
@@ -25,6 +26,7 @@ never send the same message at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -52,6 +54,9 @@ from mailoutbox._writer import MaildirMessageWriter
 from mailoutbox.interfaces import IMaildir
 from mailoutbox.interfaces import IMaildirFactory
 from mailoutbox.interfaces import IQueueStore
+from mailoutbox.schedule import name_mark
+from mailoutbox.schedule import priority_of
+from mailoutbox.schedule import sort_key
 
 __all__ = [
     "CLAIM_PREFIX",
@@ -92,14 +97,14 @@ class _Names:
             socket.gethostname().replace("/", r"\057").replace(":", r"\072")
         )
 
-    def __call__(self) -> str:
+    def __call__(self, priority: int = 0) -> str:
         self.counter += 1
         now = time.time()
         seconds = int(now)
         micro = int((now - seconds) * 1e6)
         return (
             f"{seconds}.M{micro:06d}P{os.getpid()}Q{self.counter}"
-            f"R{secrets.token_hex(4)}.{self.host}"
+            f"R{secrets.token_hex(4)}{name_mark(priority)}.{self.host}"
         )
 
 
@@ -236,10 +241,13 @@ class Maildir:
 
     # -- writing ------------------------------------------------------------
 
-    def newMessage(self) -> MaildirMessageWriter:
-        """See :class:`mailoutbox.interfaces.IMaildir`."""
+    def newMessage(self, priority: int = 0) -> MaildirMessageWriter:
+        """See :class:`mailoutbox.interfaces.IMaildir`.
+
+        A *priority* other than 0 is recorded in the file's name (see
+        :mod:`mailoutbox.schedule`)."""
         for _attempt in range(100):
-            name = _new_name()
+            name = _new_name(priority)
             path = os.path.join(self.tmp, name)
             try:
                 fd = os.open(
@@ -256,6 +264,23 @@ class Maildir:
     def sync_new(self) -> None:
         """fsync ``new/`` so that renames into it are durable."""
         fsync_dir(self.new)
+
+    def schedule(self, name: str, not_before: float) -> str:
+        """Write the retry state of the message *name*, not yet in ``new/``,
+        to keep it back until *not_before* (``{"not_before": T, "attempts":
+        0}``, modification time T), and fsync it; return its path.  The
+        caller fsyncs ``new/`` (:meth:`sync_new`) before the message enters
+        it.  See :mod:`mailoutbox.schedule`."""
+        path = Entry(self.new, name).sidecar(RETRY_PREFIX)
+        data = json.dumps({"attempts": 0, "not_before": not_before},
+                          sort_keys=True).encode()
+        write_atomically(self.tmp, path, data, mtime=not_before, fsync=True,
+                         prefix=".schedule-")
+        return path
+
+    def priority(self, entry: Entry) -> int:
+        """The priority of *entry* (higher is sent first; 0 normal)."""
+        return priority_of(entry.name)
 
     # -- reading ------------------------------------------------------------
 
@@ -274,8 +299,10 @@ class Maildir:
         """List the queue folders once.
 
         Names starting with a timestamp sort in time order, so the entries
-        are sorted by name (zope.sendmail's names start with a timestamp
-        too).  Deferred messages are in the result with their retry time.
+        are sorted by priority (higher first, as their names record it:
+        :func:`mailoutbox.schedule.sort_key`), then by name
+        (zope.sendmail's names start with a timestamp too).  Deferred
+        messages are in the result with their retry time.
         """
         scan = Scan()
         retry_files = []
@@ -294,7 +321,7 @@ class Maildir:
         for name, dirent in retry_files:
             with contextlib.suppress(FileNotFoundError):
                 scan.retry_at[name] = dirent.stat(follow_symlinks=False).st_mtime
-        scan.entries.sort(key=lambda e: e.name)
+        scan.entries.sort(key=lambda e: sort_key(e.name))
         return scan
 
     def failed_entries(self) -> list[Entry]:
@@ -438,7 +465,9 @@ class Maildir:
 
         Removes files older than 36 hours from ``tmp/`` (left by writers
         that crashed before ``tpc_finish``: never sent), claims and retry
-        states whose message is gone, and adopts zope.sendmail's
+        states whose message is gone (a retry state is kept while its
+        message is still in ``tmp/``: one written by :meth:`schedule` for a
+        transaction not finished yet), and adopts zope.sendmail's
         ``.rejected-`` files into the failed area.
         """
         now = time.time() if now is None else now
@@ -458,7 +487,9 @@ class Maildir:
             for prefix in (CLAIM_PREFIX, RETRY_PREFIX):
                 if dotname.startswith(prefix):
                     base = dotname[len(prefix):]
-                    if (folder, base) not in names and not os.path.lexists(
+                    if (folder, base) not in names and not (
+                        prefix == RETRY_PREFIX and self._in_tmp(base)
+                    ) and not os.path.lexists(
                         os.path.join(folder, base)
                     ) and not is_folder(path):  # not ours; unlink() would fail
                         done += unlink(path)
@@ -472,6 +503,12 @@ class Maildir:
             if age > TMP_MAX_AGE:
                 done += unlink(dirent.path)
         return done
+
+
+    def _in_tmp(self, name: str) -> bool:
+        """Whether a message called *name* is being written in ``tmp/``
+        (looked at before ``new/``: the rename between them is atomic)."""
+        return os.path.lexists(os.path.join(self.tmp, name))
 
 
 class Claim:

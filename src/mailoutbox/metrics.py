@@ -194,7 +194,6 @@ class Metrics:
         :class:`~mailoutbox.maildir.Scan`)."""
         now = time.time() if now is None else now
         counts = dict.fromkeys(STATES[:3], 0)
-        oldest = None
         claimed, retry_at = scan.claimed, scan.retry_at
         for entry in scan.entries:
             name = entry.name
@@ -204,10 +203,9 @@ class Metrics:
                 counts["deferred"] += 1
             else:
                 counts["queued"] += 1
-        for entry in scan.entries:  # oldest first
-            oldest = queued_time(entry)
-            if oldest is not None:
-                break
+        # The listing is in sending order: priority first, then oldest.
+        oldest = min((t for t in map(queued_time, scan.entries) if t is not None),
+                     default=None)
         with self._lock:
             numbers = self.relay(relay)
             numbers.messages = counts

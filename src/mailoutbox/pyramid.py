@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import fields
 from typing import Any
 
 import transaction
@@ -47,6 +48,7 @@ from mailoutbox.mailer import SMTPMailer
 from mailoutbox.processors import start_processor_thread
 from mailoutbox.queue import DEFAULT_CONCURRENCY
 from mailoutbox.retry import RetryPolicy
+from mailoutbox.stores import is_url
 
 __all__ = [
     "IMailSettings",
@@ -75,7 +77,8 @@ _LIMITS = {
 }
 _RETRY = {"retry_initial": "initial", "retry_factor": "factor",
           "retry_cap": "cap", "retry_max_age": "max_age"}
-_KNOWN = {*_BOOLS, *_TEXTS, *_NUMBERS, *_RETRY, "processor", *_IGNORED}
+_KNOWN = {*_BOOLS, *_TEXTS, *_NUMBERS, *_RETRY, "processor", "connection",
+          *_IGNORED}
 
 
 class IMailSettings(Interface):
@@ -93,7 +96,11 @@ class MailSettings:
     Each attribute is the setting of the same name (``mail.host`` is
     :attr:`host`), except ``mail.tls`` (:attr:`force_tls`), ``mail.ssl``
     (:attr:`implicit_tls`) and ``mail.retry_*`` (:attr:`retry`, a
-    :class:`~mailoutbox.retry.RetryPolicy`).  The password is not shown in
+    :class:`~mailoutbox.retry.RetryPolicy`).  ``mail.queue_path`` may be a
+    ``postgresql://`` URL, and ``mail.connection`` then the dotted name of
+    a callable returning the current transaction's connection
+    (:attr:`connection`; see :class:`~mailoutbox.delivery.QueuedMailDelivery`).
+    The passwords (``mail.password``, and one in a URL) are not shown in
     the ``repr()``.
     """
 
@@ -112,6 +119,15 @@ class MailSettings:
     interval: float = 3.0
     concurrency: int = DEFAULT_CONCURRENCY
     retry: RetryPolicy | None = None
+    connection: Any = None
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        if is_url(self.queue_path):
+            from mailoutbox.postgresql.url import display
+            shown["queue_path"] = display(str(self.queue_path))
+        return "MailSettings(" + ", ".join(
+            f"{key}={value!r}" for key, value in shown.items()) + ")"
 
     @classmethod
     def from_settings(
@@ -170,6 +186,10 @@ class MailSettings:
         values["processor"] = asbool(
             given.get("processor", "queue_path" in values)
         )
+        connection = given.get("connection")
+        if connection is not None and str(connection).strip():
+            values["connection"] = _resolve_connection(
+                connection, values.get("queue_path"), prefix)
         return cls(**values)
 
     def make_mailer(self) -> SMTPMailer:
@@ -197,9 +217,30 @@ class MailSettings:
         through *mailer* when it is not set."""
         if self.queue_path:
             return QueuedMailDelivery(
-                self.queue_path, transaction_manager=transaction_manager
+                self.queue_path, transaction_manager=transaction_manager,
+                connection=self.connection,
             )
         return DirectMailDelivery(mailer, transaction_manager=transaction_manager)
+
+
+def _resolve_connection(value: Any, queue_path: str | None, prefix: str) -> Any:
+    """The callable that ``mail.connection`` names (or is)."""
+    if not is_url(queue_path):
+        raise ConfigurationError(
+            f"{prefix}connection needs a postgresql:// {prefix}queue_path")
+    if not isinstance(value, str):
+        resolved = value
+    else:
+        from pyramid.path import DottedNameResolver
+        try:
+            resolved = DottedNameResolver().resolve(value.strip())
+        except (ImportError, ValueError) as exc:
+            raise ConfigurationError(
+                f"{prefix}connection {value!r} cannot be imported: {exc}") from exc
+    if not callable(resolved):
+        raise ConfigurationError(
+            f"{prefix}connection must name a callable, not {value!r}")
+    return resolved
 
 
 def includeme(config: Any) -> None:

@@ -387,7 +387,8 @@ class QueueProcessorThread(MessageSender, threading.Thread):
         every deferred message is attempted now, whatever the time of its
         next attempt (as Postfix's ``postqueue -f`` does); a message that
         fails again is deferred by the retry policy, its attempts counted.
-        Call
+        A message scheduled for later (``send(..., not_before=...)``) is not
+        attempted before its time, flush or not.  Call
         :meth:`stop` when done with the processor: the worker threads and
         connections are kept for the next pass until then.
         """

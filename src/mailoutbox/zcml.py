@@ -41,6 +41,7 @@ from typing import Any
 
 from zope.component import getSiteManager
 from zope.configuration.exceptions import ConfigurationError
+from zope.configuration.fields import GlobalObject
 from zope.configuration.fields import Path
 from zope.configuration.fields import Tokens
 from zope.interface import Interface
@@ -63,6 +64,7 @@ from mailoutbox.processors import stop_processor_threads
 from mailoutbox.queue import DEFAULT_CONCURRENCY
 from mailoutbox.relays import check_names
 from mailoutbox.retry import RetryPolicy
+from mailoutbox.stores import is_url
 
 try:
     from zope.security.zcml import Permission
@@ -172,10 +174,31 @@ class IDirectDeliveryDirective(IDeliveryDirective):
     """Registers a delivery that sends when the transaction commits."""
 
 
-class IQueuedDeliveryDirective(IDeliveryDirective):
-    """Registers a delivery that queues messages in a Maildir folder."""
+class QueuePath(Path):
+    """A queue folder (relative to the ZCML file, as :class:`Path`) or a
+    ``postgresql://`` URL (as it is)."""
 
-    queuePath = Path(title="Path of the queue folder", required=True)
+    def fromUnicode(self, value: str) -> Any:
+        if is_url(value.strip()):
+            return value.strip()
+        return super().fromUnicode(value)
+
+
+class IQueuedDeliveryDirective(IDeliveryDirective):
+    """Registers a delivery that queues messages in a Maildir folder or a
+    PostgreSQL table."""
+
+    queuePath = QueuePath(
+        title="Path of the queue folder, or a postgresql:// URL",
+        required=True)
+    connection = GlobalObject(
+        title="The application's connection (PostgreSQL queue only)",
+        description="Dotted name of a callable returning the current"
+        " transaction's connection (a SQLAlchemy Session or Connection, or a"
+        " psycopg connection), through which the messages are inserted:"
+        " they commit with the application's rows.",
+        required=False,
+    )
     processorThread = Bool(
         title="Run a queue processor thread in this process",
         default=True,
@@ -388,10 +411,14 @@ def queuedDelivery(
     retry_cap: float | None = None,
     retry_max_age: float | None = None,
     mailers: list[str] | None = None,
+    connection: Callable[[], Any] | None = None,
 ) -> None:
     """Handler of ``mail:queuedDelivery``; see
     :class:`IQueuedDeliveryDirective`."""
     _check_seconds("mail:queuedDelivery", interval=interval, lease=lease)
+    if connection is not None and not is_url(queuePath):
+        raise ConfigurationError(
+            "mail:queuedDelivery: connection needs a postgresql:// queuePath")
     protect = _protect(permission)
     routes = _route_names("mail:queuedDelivery", mailers)
     retry = _retry_policy(
@@ -402,7 +429,8 @@ def queuedDelivery(
     def register() -> None:
         _lookup_mailer(_context, mailer)
         _lookup_mailers(_context, routes)
-        delivery = protect(QueuedMailDelivery(queuePath, mailers=routes),
+        delivery = protect(QueuedMailDelivery(queuePath, mailers=routes,
+                                              connection=connection),
                            IQueuedMailDelivery)
         _register(_context, delivery, IMailDelivery, name)
 

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mailoutbox.cli import demo
     from mailoutbox.cli import init
     from mailoutbox.cli import move
+    from mailoutbox.cli import recover
     from mailoutbox.cli import repair
     from mailoutbox.cli import run
     from mailoutbox.cli import send
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_parser(commands)
     move.add_parser(commands)
     demo.add_parser(commands)
+    recover.add_parser(commands)
     return parser
 
 

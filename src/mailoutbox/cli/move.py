@@ -11,7 +11,8 @@ is resumed by running it again: a message already in the destination
 source.  Messages being sent are left where they are (run the command
 again once they are done); failed messages stay in the source's failed
 area.  A moved message starts afresh in the destination: due at once,
-its attempts forgotten.
+its attempts forgotten (a message scheduled for later and never tried
+keeps its time, and every message its priority).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import EXIT_NOT_SENT
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
+from mailoutbox.cli.view import WAITING
 from mailoutbox.cli.view import QueueView
 from mailoutbox.cli.view import clean
 from mailoutbox.cli.view import open_queue
@@ -100,7 +102,7 @@ def move(args: argparse.Namespace, console: Console) -> int:
     source = QueueView(args.source)
     if open_queue(args.source).key == _dest_key(args.dest):
         raise CLIError("SOURCE and DEST are the same queue")
-    waiting = source.select(("queued", "deferred", "sending"))
+    waiting = source.select(WAITING)
     if args.dry_run:
         console.out(f"{len(waiting)} message(s) would be moved")
         return EXIT_OK
@@ -126,7 +128,9 @@ def move(args: argparse.Namespace, console: Console) -> int:
             if key not in present:
                 manager = delivery.transaction_manager
                 with manager:
-                    delivery.send(fromaddr, toaddrs, message, mailer=info.relay)
+                    delivery.send(fromaddr, toaddrs, message, mailer=info.relay,
+                                  not_before=info.scheduled_for,
+                                  priority=info.priority)
                 present.add(key)
         except BaseException:
             claim.release()

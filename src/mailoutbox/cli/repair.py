@@ -43,7 +43,8 @@ def add_parsers(commands: Any) -> None:
     )
     parser.add_argument(
         "--all", action="store_true",
-        help="retry every failed and deferred message",
+        help="retry every failed and deferred message (not those scheduled"
+        " for later: name them to send them now)",
     )
     add_common_arguments(parser, quiet=QUIET)
     parser.set_defaults(func=retry)
@@ -108,7 +109,7 @@ def retry(args: argparse.Namespace, console: Console) -> int:
         messages = [
             m for m in view.messages
             if m.state == "failed"
-            or (m.state != "sending" and m.retry_at is not None)
+            or (m.state not in ("sending", "scheduled") and m.retry_at is not None)
         ]
         missing = False
     else:
@@ -151,7 +152,8 @@ def _retry_one(view: QueueView, message: MessageInfo, console: Console) -> int:
         maildir.requeue(message.entry)
     finally:
         claim.release()
-    console.out(f"{message.name}: deferred -> queued")
+    was = "scheduled" if message.state == "scheduled" else "deferred"
+    console.out(f"{message.name}: {was} -> queued")
     return 1
 
 

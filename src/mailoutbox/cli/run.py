@@ -84,7 +84,7 @@ def add_parser(commands: Any) -> None:
         "--flush", action="store_true",
         help="try every deferred message now, whatever the time of its next"
         " attempt, as Postfix's 'postqueue -f' does (with --daemon: in the"
-        " first pass only)",
+        " first pass only); not those scheduled for later",
     )
     parser.add_argument(
         "--interval", metavar="SECONDS", type=duration,

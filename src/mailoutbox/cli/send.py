@@ -8,13 +8,19 @@ them, from the headers (:mod:`mailoutbox.headers`): the ``Sender`` or
 ``From`` header, and the ``To``, ``Cc`` and ``Bcc`` headers (or the newest
 ``Resent-`` block).  The ``Bcc`` headers are always removed from the
 message, also when ``--to`` names the recipients.  ``--relay NAME`` queues
-the message for the relay NAME.  Bad input ends the command with one line
-on standard error and exit status 2.
+the message for the relay NAME.  ``--not-before WHEN`` keeps it back until
+WHEN (:func:`parse_when`), ``--priority P`` gives its priority
+(:func:`mailoutbox.schedule.check_priority`).  Bad input ends the command
+with one line on standard error and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import email.policy
+import re
+import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
@@ -27,8 +33,13 @@ from mailoutbox.cli.common import queue_path
 from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
+from mailoutbox.schedule import check_priority
 
-__all__ = ["add_parser", "build_message", "send", "split_addresses"]
+__all__ = ["add_parser", "build_message", "parse_priority", "parse_when", "send",
+           "split_addresses"]
+
+_RELATIVE = re.compile(r"\+([0-9]{1,9})([smhd])\Z")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def add_parser(commands: Any) -> None:
@@ -57,12 +68,56 @@ def add_parser(commands: Any) -> None:
         help="queue the message for the relay NAME, whose SMTP server 'run'"
         " takes from its [mailoutbox:relay NAME] section",
     )
+    parser.add_argument(
+        "--not-before", metavar="WHEN", type=parse_when,
+        help="do not send it before WHEN: a date and time in ISO 8601"
+        " (2026-12-24T18:00, local time without an offset; or with one,"
+        " 2026-12-24T18:00+01:00, ...Z), or a delay from now: +30s, +10m,"
+        " +2h, +1d",
+    )
+    parser.add_argument(
+        "--priority", metavar="P", type=parse_priority,
+        help="low, normal (the default), high, or a number from -100 to 100;"
+        " higher is sent first",
+    )
     parser.add_argument("--subject", help="build the message, with this subject")
     parser.add_argument(
         "--body", help="build the message, with this text as its body"
     )
     add_common_arguments(parser)
     parser.set_defaults(func=send)
+
+
+def parse_when(text: str, now: Callable[[], float] = time.time) -> float:
+    """The time ``--not-before`` names, in seconds since the epoch: ``+N``
+    followed by ``s``, ``m``, ``h`` or ``d`` is that long from now;
+    anything else is read as ISO 8601 (:meth:`datetime.datetime.fromisoformat`),
+    in local time when it has no offset.  :class:`argparse.ArgumentTypeError`
+    says why not."""
+    found = _RELATIVE.match(text.strip())
+    if found is not None:
+        return now() + int(found.group(1)) * _UNITS[found.group(2)]
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (give an ISO 8601 date and time, e.g."
+            " 2026-12-24T18:00 or 2026-12-24T18:00+01:00, or a delay: +30s,"
+            " +10m, +2h, +1d)") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # local time
+    return when.timestamp()
+
+
+def parse_priority(text: str) -> int:
+    """The priority ``--priority`` names (a name or a number)."""
+    value: str | int = text.strip()
+    if re.fullmatch(r"[+-]?[0-9]+", str(value)):
+        value = int(value)
+    try:
+        return check_priority(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def split_addresses(values: list[str]) -> list[str]:
@@ -145,15 +200,20 @@ def send(args: argparse.Namespace, console: Console) -> int:
         message = _read_stdin(console, "the message")
         if not message.strip():
             raise CLIError("no message on standard input")
-    message_id = queue_message(path, fromaddr, toaddrs, message, args.relay)
+    message_id = queue_message(path, fromaddr, toaddrs, message, args.relay,
+                               not_before=args.not_before,
+                               priority=args.priority)
     console.out(message_id)
     return EXIT_OK
 
 
 def queue_message(path: str, fromaddr: str | None, toaddrs: list[str] | None,
-                  message: bytes, relay: str | None = None) -> str:
+                  message: bytes, relay: str | None = None, *,
+                  not_before: float | None = None,
+                  priority: int | None = None) -> str:
     """Queue *message* in the queue at *path* in a transaction of its own,
-    for *relay* if given; return its Message-Id.
+    for *relay* if given, not to be sent before *not_before* (seconds since
+    the epoch), with *priority*; return its Message-Id.
 
     The message is queued by ``send_message()``, with its checks: the
     envelope is *fromaddr* and *toaddrs*, or (where they are None) what
@@ -170,7 +230,8 @@ def queue_message(path: str, fromaddr: str | None, toaddrs: list[str] | None,
             mailers=None if relay is None else [relay])
         manager.begin()
         message_id = delivery.send_message(message, fromaddr, toaddrs,
-                                           mailer=relay)
+                                           mailer=relay, not_before=not_before,
+                                           priority=priority)
     except (ValueError, TypeError) as exc:
         manager.abort()
         # The arguments of send_message() are options here.

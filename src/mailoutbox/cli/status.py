@@ -17,10 +17,12 @@ from mailoutbox.cli.errors import EXIT_ERROR
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
 from mailoutbox.cli.view import STATES
+from mailoutbox.cli.view import WAITING
 from mailoutbox.cli.view import MessageInfo
 from mailoutbox.cli.view import QueueView
 from mailoutbox.cli.view import clean
 from mailoutbox.cli.view import format_age
+from mailoutbox.cli.view import format_priority
 from mailoutbox.cli.view import format_time
 from mailoutbox.cli.view import read_file
 from mailoutbox.envelope import parse_queue_file
@@ -72,7 +74,11 @@ def add_parsers(commands: Any) -> None:
         "--json", action="store_true", help="print one JSON object (see the docs)"
     )
     add_common_arguments(parser)
-    parser.set_defaults(func=list_messages, states=("queued", "deferred", "sending"))
+    which.add_argument(
+        "--scheduled", dest="states", action="store_const", const=("scheduled",),
+        help="list only the messages scheduled for later",
+    )
+    parser.set_defaults(func=list_messages, states=WAITING)
 
     parser = commands.add_parser(
         "show",
@@ -98,10 +104,12 @@ def add_parsers(commands: Any) -> None:
 def _summary(view: QueueView, messages: list[MessageInfo]) -> dict[str, Any]:
     waiting = view.select(("queued", "deferred", "sending"), messages)
     deferred = [m.retry_at for m in messages if m.state == "deferred"]
+    scheduled = [m.retry_at for m in messages if m.state == "scheduled"]
     return {
         **view.counts(messages),
         "oldest_age": _age(view, waiting),
         "next_attempt": min(deferred) if deferred else None,  # type: ignore[type-var]
+        "next_scheduled": min(scheduled) if scheduled else None,  # type: ignore[type-var]
         "oldest_failed_age": _age(view, view.select(("failed",), messages)),
     }
 
@@ -135,7 +143,7 @@ def status(args: argparse.Namespace, console: Console) -> int:
         console.out(json.dumps(data, sort_keys=True))
         return EXIT_OK
     console.out(f"queue     {data['queue']}")
-    for state in STATES:
+    for state in _shown(data):
         line = f"{state:<9} {data[state]}"
         if state == "deferred" and data["next_attempt"] is not None:
             when = data["next_attempt"]
@@ -143,13 +151,22 @@ def status(args: argparse.Namespace, console: Console) -> int:
                 f"  (next attempt {format_time(when)},"
                 f" in {format_age(when - view.now)})"
             )
+        if state == "scheduled":
+            when = data["next_scheduled"]
+            line += (f"  (the first {format_time(when)},"
+                     f" in {format_age(when - view.now)})")
         console.out(line)
     if data["oldest_age"] is not None:
         console.out(f"oldest    {format_age(data['oldest_age'])} old")
     for name, relay in data.get("relays", {}).items():
-        counts = ", ".join(f"{state} {relay[state]}" for state in STATES)
+        counts = ", ".join(f"{state} {relay[state]}" for state in _shown(relay))
         console.out(clean(f"relay     {name}: {counts}"))
     return EXIT_OK
+
+
+def _shown(counts: dict[str, Any]) -> list[str]:
+    """The states ``status`` prints a count of: "scheduled" only if any."""
+    return [s for s in STATES if s != "scheduled" or counts[s]]
 
 
 def _recipients(message: MessageInfo) -> str:
@@ -181,9 +198,11 @@ def list_messages(args: argparse.Namespace, console: Console) -> int:
     for message in messages:
         subject = message.head.header("Subject")
         via = [] if message.relay is None else [f"via {message.relay}"]
+        if message.priority:
+            via.append(f"priority {format_priority(message.priority)}")
         console.out(clean("  ".join([
             message.name,
-            f"{message.state:<8}",
+            f"{message.state:<9}",
             f"{format_age(view.now - message.queued_at):>7}",
             *via,
             _recipients(message),
@@ -200,6 +219,10 @@ def describe_error(view: QueueView, message: MessageInfo) -> str | None:
     error, SMTP code, server, attempts) and when it is tried next, or why
     it failed; None for a message never tried.  Unknown parts are left
     out."""
+    when = message.scheduled_for
+    if when is not None:
+        return f"scheduled for {format_time(when)}" + (
+            f" (in {format_age(when - view.now)})" if when > view.now else ", due")
     last = message.last_error()
     details = [f"{name} {last[name]}" for name in ("code", "server")
                if last[name] is not None]
@@ -219,6 +242,9 @@ def describe_error(view: QueueView, message: MessageInfo) -> str | None:
 
 
 def _describe_state(view: QueueView, message: MessageInfo) -> str:
+    when = message.scheduled_for
+    if message.state == "scheduled" and when is not None:
+        return f"scheduled (for {format_time(when)}, in {format_age(when - view.now)})"
     if message.state == "deferred" and message.retry_at is not None:
         when = message.retry_at
         return (
@@ -262,6 +288,7 @@ def show(args: argparse.Namespace, console: Console) -> int:
         *([] if message.relay is None else [f"relay:    {message.relay}"]),
         f"queued:   {format_time(message.queued_at)}"
         f" ({format_age(view.now - message.queued_at)} ago)",
+        f"priority: {format_priority(message.priority)}",
     ]
     if head.problem:
         lines.append(f"problem:  {head.problem}")

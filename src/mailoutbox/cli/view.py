@@ -6,6 +6,9 @@ The states shown to people are:
     waiting for the next pass of a processor;
 ``deferred``
     kept back after a transient failure until its next attempt;
+``scheduled``
+    sent for a time still to come (``send(..., not_before=...)``) and
+    never tried yet; a processor counts it as deferred;
 ``sending``
     claimed by a processor right now;
 ``failed``
@@ -30,23 +33,29 @@ from mailoutbox.cli.errors import CLIError
 from mailoutbox.envelope import parse_queue_file
 from mailoutbox.maildir import Entry
 from mailoutbox.maildir import Maildir
+from mailoutbox.schedule import PRIORITIES
+from mailoutbox.schedule import scheduled_for
 from mailoutbox.stores import is_url
 from mailoutbox.stores import open_store
 
 __all__ = [
     "STATES",
+    "WAITING",
     "Head",
     "MessageInfo",
     "QueueView",
     "clean",
     "format_age",
+    "format_priority",
     "format_time",
     "open_queue",
     "read_file",
     "read_head",
 ]
 
-STATES = ("queued", "deferred", "sending", "failed")
+STATES = ("queued", "deferred", "sending", "failed", "scheduled")
+#: The states of the messages waiting in the queue.
+WAITING = ("queued", "deferred", "scheduled", "sending")
 #: How much of a queue file is read to show its envelope and headers.
 HEAD_SIZE = 64 * 1024
 
@@ -111,6 +120,12 @@ def format_age(seconds: float) -> str:
 def format_time(timestamp: float) -> str:
     """A local time for people, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def format_priority(priority: int) -> str:
+    """A priority for people: its name (``high``), else its number."""
+    names = {number: name for name, number in PRIORITIES.items()}
+    return names.get(priority, str(priority))
 
 
 @dataclass
@@ -197,6 +212,19 @@ class MessageInfo:
             self._record = read(self.entry) or {}
         return self._record
 
+    @property
+    def priority(self) -> int:
+        """Its priority (higher is sent first; 0 normal)."""
+        return int(self.maildir.priority(self.entry))  # type: ignore[union-attr]
+
+    @property
+    def scheduled_for(self) -> float | None:
+        """The time it was sent for (``not_before``), if it was never tried
+        since; else None."""
+        if self.state == "failed":
+            return None
+        return scheduled_for(self.record)
+
     def last_error(self) -> dict[str, Any]:
         """``attempts``, ``error``, ``code`` and ``server`` of the last
         failed attempt (each None when unknown, or not of the right type in
@@ -220,7 +248,10 @@ class MessageInfo:
             "state": self.state,
             "queued_at": self.queued_at,
             "age": round(max(0.0, now - self.queued_at), 3),
-            "next_attempt": self.retry_at if self.state == "deferred" else None,
+            "next_attempt": (self.retry_at if self.state in ("deferred", "scheduled")
+                             else None),
+            "not_before": self.scheduled_for,
+            "priority": self.priority,
             "message_id": head.message_id,
             "from": head.fromaddr,
             "to": list(head.toaddrs),
@@ -271,10 +302,11 @@ class QueueView:
                 state = "deferred"
             else:
                 state = "queued"
-            self.messages.append(MessageInfo(
-                entry, state, maildir.queued_at(entry), retry_at, maildir=maildir,
-                relay=relay,
-            ))
+            info = MessageInfo(entry, state, maildir.queued_at(entry), retry_at,
+                               maildir=maildir, relay=relay)
+            if state == "deferred" and info.scheduled_for is not None:
+                info.state = "scheduled"
+            self.messages.append(info)
         for entry in maildir.failed_entries():
             self.messages.append(MessageInfo(
                 entry, "failed", maildir.queued_at(entry), maildir=maildir,

@@ -126,7 +126,14 @@ class _Queries:
         self.queued_at = q("SELECT extract(epoch FROM queued_at)::float8"
                            " FROM {t} WHERE id = %s")
         self.reason = q("SELECT reason FROM {t} WHERE id = %s")
-        self.retry = q("SELECT retry FROM {t} WHERE id = %s")
+        # A message sent with not_before and never tried has the retry
+        # state {"not_before": T, "attempts": 0} (see mailoutbox.schedule).
+        self.retry = q(
+            "SELECT coalesce(retry, CASE WHEN not_before IS NOT NULL THEN"
+            " jsonb_build_object('not_before',"
+            " extract(epoch FROM not_before)::float8, 'attempts', 0) END)"
+            " FROM {t} WHERE id = %s")
+        self.priority = q("SELECT priority FROM {t} WHERE id = %s")
         self.to_failed = q(
             "UPDATE {t} SET state = 'failed', reason = %s, retry = NULL,"
             " claimed_by = NULL, claimed_until = NULL WHERE id = %s"
@@ -314,6 +321,13 @@ class PostgreSQLQueue:
             return self._value(self.sql.retry, entry)  # type: ignore[no-any-return]
         except FileNotFoundError:
             return None
+
+    def priority(self, entry: Entry) -> int:
+        """The priority of *entry* (0 if it is gone)."""
+        try:
+            return int(self._value(self.sql.priority, entry))
+        except FileNotFoundError:
+            return 0
 
     def move_to_failed(self, entry: Entry, reason: dict[str, Any]) -> Entry:
         from psycopg.types.json import Jsonb

@@ -1,8 +1,9 @@
 """Waking a processor when a message is committed to a PostgreSQL queue.
 
 The transaction that queues messages sends ``NOTIFY`` on a channel named
-after the queue's table (bare, without its schema), with the relay name as
-payload ('' for the default mailer).  :class:`NotifyWatcher` LISTENs on a
+after the queue's table (its bare name, without its schema; its full name
+is listened to as well), with the relay name as payload ('' for the
+default mailer).  :class:`NotifyWatcher` LISTENs on a
 connection of its own, in a thread, and wakes the processor's lanes; when
 the connection drops (a database restart), it connects again with back-off
 and wakes every lane once connected, since what was committed meanwhile was
@@ -40,7 +41,9 @@ class NotifyWatcher:
                  on_wake: Callable[[set[str | None]], None], name: str,
                  timeout: float = 10.0, poll: float = 0.5) -> None:
         self.connections = connections
-        self.channel = table.split(".")[-1]
+        # The table's bare name; its full name too (schema.table), which
+        # some senders may notify on.
+        self.channels = sorted({table.split(".")[-1], table})
         self.on_wake = on_wake
         self.name = name
         self.timeout = timeout
@@ -89,8 +92,9 @@ class NotifyWatcher:
         while not self._stopping.is_set():
             try:
                 with self.connections.connect() as conn:
-                    conn.execute(sql.SQL("LISTEN {}").format(
-                        sql.Identifier(self.channel)))
+                    for channel in self.channels:
+                        conn.execute(sql.SQL("LISTEN {}").format(
+                            sql.Identifier(channel)))
                     self._listening.set()
                     if not first:  # what was committed meanwhile went unheard
                         log.info("listening again for new messages in %s",
