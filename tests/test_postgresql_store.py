@@ -370,6 +370,25 @@ def test_find_and_repairs(store):
 
 # -- many processors ------------------------------------------------------------------
 
+def test_once_nothing_is_free_the_rest_of_a_listing_is_not_tried(store, pg_url):
+    other = open_queue(pg_url)
+    try:
+        names = [insert(store) for _ in range(3)]
+        entries = store.scan().entries
+        assert [e.name for e in other.scan().entries] == names
+        claims = [other.claim(entry, 30) for entry in entries]  # all taken
+        assert store.claim(entries[0], 30) is None
+        insert(store)  # due, free, but not in this listing
+        assert store.claim(entries[1], 30) is None  # not even asked
+        assert store.claim(entries[2], 30, exact=True) is None  # taken
+        for claim in claims:
+            claim.complete()
+        [entry] = store.scan().entries  # a new listing: tried again
+        assert store.claim(entry, 30).entry == entry
+    finally:
+        other.close()
+
+
 def test_racing_claimers_send_each_message_once(store):
     names = {insert(store) for _ in range(60)}
     scan = store.scan()

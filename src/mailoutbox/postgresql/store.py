@@ -183,6 +183,10 @@ class PostgreSQLQueue:
     """
 
     failed = FAILED
+    #: A claim of this lane found no free due message since the last
+    #: listing: later claims of that listing are not tried (with several
+    #: processors, each would otherwise try every message it listed).
+    _drained = False
 
     def __init__(self, url: QueueURL, connections: Connections,
                  relay: str | None = None, queries: _Queries | None = None) -> None:
@@ -219,6 +223,7 @@ class PostgreSQLQueue:
         """See :class:`mailoutbox.interfaces.IQueueStore`.  The entries are in
         sending order: higher priority first, then oldest first."""
         scan = Scan()
+        self._drained = False
         for row_id, later, at, claimed in self._all(self._lane("scan"),
                                                     {"relay": self.lane}):
             name = str(row_id)
@@ -234,6 +239,10 @@ class PostgreSQLQueue:
         """See :class:`mailoutbox.interfaces.IQueueStore`: *entry* if it is
         due and free, else the next due and free message of the lane; with
         *exact*, *entry* if it is free, due or not."""
+        if self._drained and not exact:
+            # No free due message was left at the last try: the rest of
+            # this listing is taken (by other processors) or not due.
+            return None
         holder = _holder()
         params = {"by": holder, "lease": min(float(lease), MAX_LEASE),
                   "relay": self.lane,
@@ -248,6 +257,8 @@ class PostgreSQLQueue:
                 return conn.execute(query, params).fetchone()
         row = self.connections.run(work)
         if row is None:
+            if not exact:
+                self._drained = True
             return None
         return PostgreSQLClaim(self, Entry(QUEUE, str(row[0])), holder, lease,
                                _queue_file(*row[1:]))
