@@ -77,12 +77,12 @@ def test_processes_killed_and_database_restarted_lose_nothing(pg_server, pg_url)
     queued_at_restart = None
     restart_after = rng.randrange(1, 3)  # between two early kills
     with SMTPServer() as server:
-        server.slow(0.1)  # each send waits twice this: kills land mid-send
+        server.slow(0.15)  # each send waits twice this: kills land mid-send
         processes = [start_processor(pg_url, server.port, *options)
                      for _ in range(PROCESSES)]
         try:
             for kill in range(KILLS):
-                time.sleep(rng.uniform(0.3, 1.0))
+                time.sleep(rng.uniform(0.2, 0.8))
                 victim = rng.randrange(PROCESSES)
                 process = processes[victim]
                 process.send_signal(signal.SIGKILL)

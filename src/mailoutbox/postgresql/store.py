@@ -408,6 +408,11 @@ class PostgreSQLClaim:
         sql = self.store.sql
         self._mine(sql.sent if self.store.keep_sent else sql.delete)
 
+    def discard(self) -> None:
+        """Delete the claimed row, never keeping it in the sent log (the
+        message was moved to another queue, not sent)."""
+        self._mine(self.store.sql.delete)
+
     def defer(self, retry_at: float, state: dict[str, Any]) -> None:
         from psycopg.types.json import Jsonb
 

@@ -44,7 +44,7 @@ def display(url: str) -> str:
 def parse(url: str) -> tuple[str, str, dict[str, Any]]:
     """``(conninfo, table, options)`` of the queue *url*.
 
-    *conninfo* is *url* without our ``table`` parameter, for
+    *conninfo* is *url* without our ``table`` and ``keep_sent`` parameters, for
     ``psycopg.connect()``; *table* the queue table (:data:`DEFAULT_TABLE`
     if not given); *options* libpq's connection parameters as a dict
     (``dbname``, ``host``...; the password too, if any: never show it).
@@ -66,7 +66,7 @@ def parse(url: str) -> tuple[str, str, dict[str, Any]]:
         key, _eq, value = item.partition("=")
         if key == "table":
             table = urllib.parse.unquote(value)
-        else:
+        elif key != "keep_sent":  # ours too (read by the store)
             kept.append(item)
     try:
         check_table_name(table)
