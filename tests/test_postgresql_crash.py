@@ -47,9 +47,9 @@ def _count(store, where, params=()):
 
 
 def claims_of(store, pid):
-    """The rows claimed, with a lease still running, by process *pid*."""
-    return _count(store, "claimed_by LIKE %s AND claimed_until > now()",
-                  (f"%:{pid}:%",))
+    """The rows claimed by process *pid* (a dead one's claims stay until
+    another processor takes the row, one lease later)."""
+    return _count(store, "claimed_by LIKE %s", (f"%:{pid}:%",))
 
 
 def live_claims(store):
