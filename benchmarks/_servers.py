@@ -3,7 +3,8 @@
 - Postfix's ``smtp-sink`` (a fast C sink that advertises PIPELINING);
 - an aiosmtpd sink in its own process, optionally with STARTTLS;
 - a TCP proxy in its own process that delays every chunk by a fixed time in
-  each direction, to add round-trip time on loopback.
+  each direction, to add round-trip time on loopback;
+- a durable PostgreSQL server in a temporary folder.
 """
 from __future__ import annotations
 
@@ -96,3 +97,48 @@ def delaying_proxy(target_port: int, one_way_delay: float):
     ]
     with _process(argv, port):
         yield port
+
+
+@contextlib.contextmanager
+def postgresql_server(settings: dict | None = None):
+    """A durable PostgreSQL server of its own (fsync on, as in production)
+    in a temporary folder; yields the
+    :class:`mailoutbox.testing.postgresql.PostgreSQLServer` (its ``url``:
+    its ``postgres`` database)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "psycopg not found: pip install 'mailoutbox[postgresql]'"
+        ) from None
+    from mailoutbox.testing.postgresql import PostgreSQLServer
+    from mailoutbox.testing.postgresql import find_bindir
+
+    if find_bindir() is None:
+        raise SystemExit(
+            "PostgreSQL's initdb not found: apt-get install postgresql"
+        )
+    with PostgreSQLServer(settings, fsync=True) as server:
+        yield server
+
+
+def server_cpu(server) -> float:
+    """The CPU seconds used so far by the PostgreSQL *server*: its
+    postmaster, its live processes, and those that ended (backends of
+    closed connections, reaped by the postmaster)."""
+    with open(os.path.join(server.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(pid) == postmaster:
+            total += sum(int(x) for x in fields[11:15])  # and its children's
+        elif int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")

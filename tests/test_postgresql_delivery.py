@@ -150,7 +150,7 @@ def test_parse_and_display():
 
 @pytest.mark.parametrize("bad, words", [
     ("postgresql://alice:s3cret@h/db?table=1bad", "invalid queue table name"),
-    ("postgresql://alice:s3cret@h/db?nonsense=1&&", "invalid PostgreSQL URL"),
+    ("postgresql://alice:s3cret@h/db?nonsense=1&&", "invalid queue URL"),
     ("/var/spool/queue", "not a PostgreSQL URL"),
 ])
 def test_parse_refuses(bad, words):
@@ -736,3 +736,17 @@ def test_create_data_manager_writes_through_the_applications_connection(url, tm)
             tm.get().join(datamanager)
         conn.commit()
     assert len(rows(url)) == 1
+
+
+def test_the_store_and_the_delivery_read_a_url_alike(url, tm):
+    # keep_sent= is ours (never given to libpq); libpq's own parameters
+    # reach it as written ("+" and %XX included).
+    url += "&keep_sent=3&options=-c%20lock_timeout%3D5000&application_name=a+b"
+    delivery = QueuedMailDelivery(url, transaction_manager=tm)
+    with tm:
+        delivery.send("shop@example.org", ["a@example.org"], with_id("k@x"))
+    assert [r[0] for r in rows(url)] == ["k@x"]
+    conninfo, _table, options = parse(url)
+    assert "keep_sent" not in conninfo
+    assert options["options"] == "-c lock_timeout=5000"
+    assert options["application_name"] == "a+b"

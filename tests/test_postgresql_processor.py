@@ -189,3 +189,26 @@ def test_a_flush_sends_deferred_rows_now_but_not_scheduled_ones(
     assert (stats.sent, smtp_server.message_ids()) == (1, [deferred])
     assert [e.name for e in store.scan().entries] == list(store.scan().retry_at)
     assert scheduled not in smtp_server.message_ids()
+
+
+def test_a_processor_thread_for_a_url_logs_no_password(pg_url, smtp_server,
+                                                       caplog):
+    import logging
+
+    from mailoutbox.processors import processor_threads
+    from mailoutbox.processors import start_processor_thread
+    from mailoutbox.processors import stop_processor_threads
+
+    url = pg_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret@")
+    with caplog.at_level(logging.INFO):
+        thread = start_processor_thread(url, make_mailer(smtp_server.port))
+        again = start_processor_thread(url, make_mailer(smtp_server.port))
+        try:
+            assert again is thread and list(processor_threads().values()) == [thread]
+            (message_id,) = queue(thread.maildir, 1, notify=True)
+            wait_for(lambda: smtp_server.message_ids() == [message_id])
+        finally:
+            stop_processor_threads(timeout=30)
+    assert "started the processor thread for" in caplog.text
+    assert "already serves" in caplog.text
+    assert "s3cret" not in caplog.text

@@ -30,6 +30,7 @@ from mailoutbox.maildir import DEFAULT_LEASE
 from mailoutbox.queue import DEFAULT_CONCURRENCY
 from mailoutbox.queue import QueueProcessorThread
 from mailoutbox.retry import RetryPolicy
+from mailoutbox.wakeup import key_of
 
 __all__ = [
     "processor_threads",
@@ -73,14 +74,14 @@ def start_processor_thread(
     that the mailers of relay folders it does not know yet are added.
     """
     global _atexit_registered
-    key = os.path.realpath(queue_path)
+    key = key_of(queue_path)  # a folder's real path, or the URL
     with _threads_lock:
         thread = _threads.get(key)
         if thread is not None and thread.is_alive():
             if thread.mailer is not mailer:
                 log.warning(
                     "a processor thread already serves %s; the mailer given"
-                    " for it again is not used", key,
+                    " for it again is not used", thread.queuePath,
                 )
             if mailers:
                 thread.setMailers({**mailers, **thread.mailers})
@@ -97,7 +98,7 @@ def start_processor_thread(
         if not _atexit_registered:
             atexit.register(stop_processor_threads)
             _atexit_registered = True
-    log.info("started the processor thread for %s", key)
+    log.info("started the processor thread for %s", thread.queuePath)
     return thread
 
 

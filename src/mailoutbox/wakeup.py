@@ -43,6 +43,7 @@ from typing import Any
 
 from mailoutbox.relays import RELAYS
 from mailoutbox.relays import decode_name
+from mailoutbox.stores import is_url
 
 __all__ = [
     "ALL",
@@ -411,10 +412,11 @@ class Wakeup:
 
 def key_of(queue_path: str) -> str:
     """The key of the queue at *queue_path* (see
-    :class:`~mailoutbox.interfaces.IQueueStore`): a folder's real path; a
-    URL is taken to be a store's key already."""
-    if "://" in queue_path:
-        return queue_path
+    :class:`~mailoutbox.interfaces.IQueueStore`): a folder's real path, or
+    a URL's normal form, without its password."""
+    if is_url(queue_path):
+        from mailoutbox.postgresql._conn import parse_url
+        return parse_url(queue_path).key
     return os.path.realpath(queue_path)
 
 

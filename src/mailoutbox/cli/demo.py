@@ -90,7 +90,8 @@ class Demo:
         counts = view.counts()
         self.out(
             "   The queue holds: "
-            + ", ".join(f"{counts[state]} {state}" for state in counts)
+            + ", ".join(f"{counts[state]} {state}" for state in counts
+                        if counts[state] or state != "scheduled")
         )
 
     def abort_one(self, manager: Any, delivery: Any) -> None:

@@ -13,12 +13,25 @@ again once they are done); failed messages stay in the source's failed
 area.  A moved message starts afresh in the destination: due at once,
 its attempts forgotten (a message scheduled for later and never tried
 keeps its time, and every message its priority).
+
+While a message is moved, its claim in the source is renewed every third
+of its lease.  A move that is killed leaves the claim of the message it
+was moving, which runs out after the lease (:data:`LEASE`, 10 seconds, in
+a PostgreSQL queue, whose claims say when they end; 30 in a Maildir
+folder, whose claims are broken when older than the processors' lease): a
+resumed move leaves that message until then (exit status 1: run it
+again).  A message
+moved out of a PostgreSQL queue that keeps a sent log is deleted, not
+logged as sent.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import transaction
@@ -39,9 +52,10 @@ from mailoutbox.stores import is_url
 
 __all__ = ["add_parser", "move"]
 
-#: Seconds the source keeps a message claimed while it is moved (a claim
-#: that an interrupted move left is broken when it is this old).
-LEASE = DEFAULT_LEASE
+#: Seconds the lease of a PostgreSQL source's claim of a message lasts
+#: while it is moved (renewed every third of it); a claim that an
+#: interrupted move left runs out after this long.
+LEASE = 10.0
 
 
 def add_parser(commands: Any) -> None:
@@ -109,38 +123,68 @@ def move(args: argparse.Namespace, console: Console) -> int:
     present = _present(args.dest)
     delivery = QueuedMailDelivery(args.dest, mailers=set(source.relays),
                                   transaction_manager=transaction.TransactionManager())
+    # A Maildir claim is broken when older than *lease*: not before the
+    # processors' own claims would be.
+    lease = LEASE if is_url(args.source) else DEFAULT_LEASE
     moved = left = 0
     for info in waiting:
         store = info.maildir
-        claim = store.claim(info.entry, LEASE, exact=True)
+        claim = store.claim(info.entry, lease, exact=True)
         if claim is None:
-            console.note(f"{clean(info.name)}: being sent now; left in"
-                         f" {clean(source.location)}")
+            console.note(f"{clean(info.name)}: being sent now (or claimed by"
+                         f" an interrupted move, for up to {lease:g} s); left in"
+                         f" {clean(source.location)}: run it again")
             left += 1
             continue
         try:
-            fromaddr, toaddrs, message = parse_queue_file(claim.read())
-            # A message without a Message-Id gets one made from its name,
-            # so that a resumed move recognises it.
-            made = _made_id(info.name)
-            message, _id = prepare_message(message, functools.partial(str, made))
-            key = _key(fromaddr, toaddrs, message)
-            if key not in present:
-                manager = delivery.transaction_manager
-                with manager:
-                    delivery.send(fromaddr, toaddrs, message, mailer=info.relay,
-                                  not_before=info.scheduled_for,
-                                  priority=info.priority)
-                present.add(key)
+            with _renewing(claim, lease):
+                _put(delivery, claim, info, present)
         except BaseException:
             claim.release()
             raise
-        claim.complete()
+        # Gone from the source, not logged as sent (a PostgreSQL queue
+        # keeping a sent log would: its claims can discard instead).
+        getattr(claim, "discard", claim.complete)()
         moved += 1
         console.out(f"{clean(info.name)}: moved")
     console.out(f"{moved} message(s) moved to {clean(args.dest)}"
                 + (f", {left} being sent left in place" if left else ""))
     return EXIT_NOT_SENT if left else EXIT_OK
+
+
+def _put(delivery: Any, claim: Any, info: Any, present: set[str]) -> None:
+    """Queue the message of *claim* in the destination, unless it is there
+    already (*present*: the keys of the messages there)."""
+    fromaddr, toaddrs, message = parse_queue_file(claim.read())
+    # A message without a Message-Id gets one made from its name, so that
+    # a resumed move recognises it.
+    made = _made_id(info.name)
+    message, _id = prepare_message(message, functools.partial(str, made))
+    key = _key(fromaddr, toaddrs, message)
+    if key not in present:
+        with delivery.transaction_manager:
+            delivery.send(fromaddr, toaddrs, message, mailer=info.relay,
+                          not_before=info.scheduled_for, priority=info.priority)
+        present.add(key)
+
+
+@contextlib.contextmanager
+def _renewing(claim: Any, lease: float) -> Iterator[None]:
+    """Renew *claim* every third of *lease* meanwhile."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease / 3):
+            claim.renew()
+
+    thread = threading.Thread(target=renew, name="mailoutbox-move-renew",
+                              daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _dest_key(dest: str) -> str | None:

@@ -2,11 +2,17 @@
 
 Messages routed to a relay are in the relay's folder inside the queue; the
 three commands show them with the others, and tell the relay.
+
+On a PostgreSQL queue, ``status`` also shows the prepared transactions a
+crash left (:mod:`mailoutbox.postgresql.recovery`), and exits with status 1
+while one is older than :data:`ORPHAN_AGE`; ``list --sent`` shows the sent
+log of a queue that keeps one (``keep_sent=DAYS`` in its URL).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 from mailoutbox.cli.common import add_common_arguments
@@ -14,6 +20,7 @@ from mailoutbox.cli.common import add_queue_argument
 from mailoutbox.cli.common import queue_path
 from mailoutbox.cli.console import Console
 from mailoutbox.cli.errors import EXIT_ERROR
+from mailoutbox.cli.errors import EXIT_NOT_SENT
 from mailoutbox.cli.errors import EXIT_OK
 from mailoutbox.cli.errors import CLIError
 from mailoutbox.cli.view import STATES
@@ -24,14 +31,23 @@ from mailoutbox.cli.view import clean
 from mailoutbox.cli.view import format_age
 from mailoutbox.cli.view import format_priority
 from mailoutbox.cli.view import format_time
+from mailoutbox.cli.view import open_queue
 from mailoutbox.cli.view import read_file
 from mailoutbox.envelope import parse_queue_file
+from mailoutbox.stores import is_url
 
-__all__ = ["add_parsers", "describe_error", "list_messages", "show", "show_data",
-           "status", "status_data"]
+__all__ = ["ORPHAN_AGE", "add_parsers", "describe_error", "list_messages",
+           "list_sent", "orphans_data", "show", "show_data", "status",
+           "status_data"]
 
 #: Format version of ``status --json`` and ``list --json``.
 JSON_VERSION = 1
+
+#: Seconds after which a prepared transaction of the queue is taken for one
+#: that a crash left (a living one is finished within milliseconds): then
+#: ``status`` warns and exits with status 1.  The default age
+#: ``mailoutbox recover`` acts on.
+ORPHAN_AGE = 60.0
 
 
 def add_parsers(commands: Any) -> None:
@@ -77,6 +93,11 @@ def add_parsers(commands: Any) -> None:
     which.add_argument(
         "--scheduled", dest="states", action="store_const", const=("scheduled",),
         help="list only the messages scheduled for later",
+    )
+    which.add_argument(
+        "--sent", dest="states", action="store_const", const=("sent",),
+        help="list the sent log instead (a PostgreSQL queue whose URL sets"
+        " keep_sent=DAYS)",
     )
     parser.set_defaults(func=list_messages, states=WAITING)
 
@@ -136,12 +157,36 @@ def _age(view: QueueView, messages: list[MessageInfo]) -> float | None:
     return round(max(0.0, view.now - messages[0].queued_at), 3)
 
 
+def orphans_data(path: str) -> list[dict[str, Any]] | None:
+    """The prepared transactions a crash left in the PostgreSQL queue at
+    *path*, oldest first, as ``status --json`` prints them under
+    ``orphaned_transactions``; None for a Maildir queue."""
+    if not is_url(path):
+        return None
+    from mailoutbox.postgresql.recovery import orphans
+
+    return [{"gid": o.gid, "age": round(o.age, 3),
+             "prepared": o.prepared.timestamp(), "owner": o.owner,
+             "database": o.database} for o in orphans(path)]
+
+
 def status(args: argparse.Namespace, console: Console) -> int:
-    view = QueueView(queue_path(args, console))
+    path = queue_path(args, console)
+    view = QueueView(path)
     data = status_data(view)
+    orphaned = orphans_data(path)
+    if orphaned is not None:
+        data["orphaned_transactions"] = orphaned
+    stale = [o for o in orphaned or () if o["age"] >= ORPHAN_AGE]
+    code = EXIT_NOT_SENT if stale else EXIT_OK
+    if stale:
+        console.note(clean(
+            f"warning: {len(stale)} prepared transaction(s) left by a crash"
+            f" hold locks in {view.location}: commit or roll them back with"
+            f" 'mailoutbox recover {view.location}' (see --help)"))
     if args.json:
         console.out(json.dumps(data, sort_keys=True))
-        return EXIT_OK
+        return code
     console.out(f"queue     {data['queue']}")
     for state in _shown(data):
         line = f"{state:<9} {data[state]}"
@@ -161,7 +206,11 @@ def status(args: argparse.Namespace, console: Console) -> int:
     for name, relay in data.get("relays", {}).items():
         counts = ", ".join(f"{state} {relay[state]}" for state in _shown(relay))
         console.out(clean(f"relay     {name}: {counts}"))
-    return EXIT_OK
+    if orphaned:
+        console.out(f"orphaned  {len(orphaned)} prepared transaction(s), the"
+                    f" oldest {format_age(orphaned[0]['age'])} old"
+                    " (mailoutbox recover URL lists them)")
+    return code
 
 
 def _shown(counts: dict[str, Any]) -> list[str]:
@@ -179,6 +228,8 @@ def _recipients(message: MessageInfo) -> str:
 
 
 def list_messages(args: argparse.Namespace, console: Console) -> int:
+    if args.states == ("sent",):
+        return list_sent(args, console)
     view = QueueView(queue_path(args, console))
     messages = view.select(args.states)
     if args.json:
@@ -211,6 +262,44 @@ def list_messages(args: argparse.Namespace, console: Console) -> int:
         why = describe_error(view, message)
         if why is not None:
             console.out(clean(f"    {why}"))
+    return EXIT_OK
+
+
+def list_sent(args: argparse.Namespace, console: Console) -> int:
+    """``list --sent``: the sent log of a PostgreSQL queue, oldest first."""
+    path = queue_path(args, console)
+    if not is_url(path):
+        raise CLIError(f"a Maildir queue keeps no sent log ({clean(path)});"
+                       " a PostgreSQL queue does, with keep_sent=DAYS in its URL")
+    store = open_queue(path)
+    try:
+        sent = store.sent_entries()
+        now = time.time()
+        keep = store.keep_sent
+    finally:
+        store.close()
+    if args.json:
+        console.out(json.dumps({"version": JSON_VERSION, "queue": store.path,
+                                "time": now, "keep_sent": keep,
+                                "messages": sent}, sort_keys=True))
+        return EXIT_OK
+    if not sent:
+        console.out("no sent messages" + (
+            "" if keep else " (the queue URL sets no keep_sent=DAYS: sent"
+            " messages are deleted)"))
+        return EXIT_OK
+    for entry in sent:
+        to = entry["to"]
+        recipients = to[0] + (f" +{len(to) - 1}" if len(to) > 1 else "")
+        subject = entry["subject"]
+        console.out(clean("  ".join([
+            entry["id"],
+            "sent",
+            format_time(entry["sent_at"]),
+            *([] if entry["relay"] is None else [f"via {entry['relay']}"]),
+            recipients,
+            repr(subject) if subject is not None else "",
+        ]).rstrip()))
     return EXIT_OK
 
 

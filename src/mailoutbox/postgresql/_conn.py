@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from typing import TypeVar
-from urllib.parse import parse_qsl
-from urllib.parse import urlencode
+from urllib.parse import unquote
 
 from mailoutbox.postgresql.schema import check_table_name
 
@@ -36,12 +35,12 @@ __all__ = ["DEFAULT_TABLE", "Connections", "QueueURL", "describe", "parse_url",
 log = logging.getLogger("mailoutbox.postgresql")
 
 DEFAULT_TABLE = "mail_queue"
+#: The URL parameters that are ours, not libpq's.
+OWN_PARAMETERS = ("table", "keep_sent", "durable_complete")
 #: Seconds to wait for a connection when the URL does not say
 #: (``connect_timeout``).
 CONNECT_TIMEOUT = 10
 _T = TypeVar("_T")
-#: The query parameters of our own.
-_OURS = ("table", "keep_sent", "durable_complete")
 
 
 @dataclass(frozen=True)
@@ -89,13 +88,19 @@ def parse_url(url: str) -> QueueURL:
     userinfo, at, hosts = netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
     shown = f"{scheme}://{user}{at}{hosts}{slash}{database}"
-    params = parse_qsl(query, keep_blank_values=True)
-    ours = {k: v for k, v in params if k in _OURS}
-    theirs = [(k, v) for k, v in params if k not in _OURS]
+    # libpq's parameters are passed on as they were written (libpq decodes
+    # %XX, and not "+", which a parse and re-encode would change).
+    raw = [item for item in query.split("&") if item]
+    params = [(unquote(k), unquote(v)) for k, _eq, v in
+              (item.partition("=") for item in raw)]
+    ours = {k: v for k, v in params if k in OWN_PARAMETERS}
+    theirs = [item for item, (k, _v) in zip(raw, params, strict=True)
+              if k not in OWN_PARAMETERS]
     password = dict(params).get("password", password)
-    shown_params = [(k, v) for k, v in params if k != "password"]
+    shown_params = [item for item, (k, _v) in zip(raw, params, strict=True)
+                    if k != "password"]
     if shown_params:
-        shown += "?" + urlencode(shown_params)
+        shown += "?" + "&".join(shown_params)
     safe = redact(shown, password)
     table = ours.get("table", DEFAULT_TABLE)
     try:
@@ -110,7 +115,7 @@ def parse_url(url: str) -> QueueURL:
         raise ValueError(f"invalid queue URL {safe}: {exc}") from None
     conninfo = f"{scheme}://{netloc}{slash}{database}"
     if theirs:
-        conninfo += "?" + urlencode(theirs)
+        conninfo += "?" + "&".join(theirs)
     try:
         parts = conninfo_to_dict(conninfo)
     except psycopg.Error as exc:

@@ -168,6 +168,10 @@ class _Queries:
             " retry = NULL, reason = NULL WHERE id = %s AND state <> 'sent'"
             " RETURNING id")
         self.purge = q("DELETE FROM {t} WHERE id = %s")
+        self.sent_log = q(
+            "SELECT id, extract(epoch FROM done_at)::float8, relay, toaddrs,"
+            " message_id, substring(message FROM 1 FOR 8192) FROM {t}"
+            " WHERE state = 'sent' ORDER BY done_at, id")
         self.tidy = q("DELETE FROM {t} WHERE state = 'sent'"
                       " AND done_at < now() - %s * interval '1 day'")
         # The claim's own changes: only while the claim is the caller's.
@@ -386,6 +390,24 @@ class PostgreSQLQueue:
     def purge(self, entry: Entry) -> None:
         self.connections.run(lambda conn: conn.execute(self.sql.purge, (_id(entry),)))
 
+    def sent_entries(self) -> list[dict[str, Any]]:
+        """The sent log (every lane's), oldest first: for each sent message
+        kept (see ``keep_sent``), its ``id``, ``sent_at`` (seconds since the
+        epoch), ``relay``, ``to`` (the recipients), ``message_id`` and
+        ``subject`` (None if it has none)."""
+        from email.parser import BytesHeaderParser
+        from email.policy import default
+
+        parser = BytesHeaderParser(policy=default)
+        entries = []
+        for row_id, sent_at, relay, toaddrs, message_id, head in self._all(
+                self.sql.sent_log):
+            subject = parser.parsebytes(bytes(head))["Subject"]
+            entries.append({"id": str(row_id), "sent_at": sent_at, "relay": relay,
+                            "to": list(toaddrs), "message_id": message_id,
+                            "subject": None if subject is None else str(subject)})
+        return entries
+
     def watcher(self, on_wake: Any, name: str) -> NotifyWatcher:
         """A thread that LISTENs for the messages committed to this table."""
         return NotifyWatcher(self.connections, self.table, on_wake, name)
@@ -458,6 +480,11 @@ class PostgreSQLClaim:
             self._mine(sql.sent if store.keep_sent else sql.delete)
         else:
             self._mine(sql.sent_nowait if store.keep_sent else sql.delete_nowait)
+
+    def discard(self) -> None:
+        """Delete the claimed row, never keeping it in the sent log (the
+        message was moved to another queue, not sent)."""
+        self._mine(self.store.sql.delete)
 
     def defer(self, retry_at: float, state: dict[str, Any]) -> None:
         from psycopg.types.json import Jsonb

@@ -2,8 +2,10 @@
 
 ``postgresql://user:secret@host:5432/db?sslmode=require&table=mail_queue``
 names the queue table ``mail_queue`` (the default; ``schema.name`` works
-too) in the database ``db``.  :func:`parse` splits such a URL into what
-psycopg connects with (the URL without ``table``) and the table name;
+too) in the database ``db``; ``keep_sent=N`` keeps sent messages N days
+(see :mod:`mailoutbox.postgresql._conn`).  :func:`parse` splits such a URL
+into what psycopg connects with (the URL without our parameters) and the
+table name;
 :func:`display` is the URL to show in messages and logs: without its
 password, ever.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
-from mailoutbox.postgresql.schema import check_table_name
 from mailoutbox.stores import is_url
 
 __all__ = ["DEFAULT_TABLE", "display", "parse"]
@@ -56,32 +57,16 @@ def parse(url: str) -> tuple[str, str, dict[str, Any]]:
     if not is_url(url):
         raise ValueError(f"not a PostgreSQL URL: {display(str(url))!r}"
                          " (postgresql://[user@]host[:port]/database[?table=NAME])")
-    shown = display(url)
-    parts = urllib.parse.urlsplit(url)
-    table = DEFAULT_TABLE
-    kept = []
-    for item in parts.query.split("&"):
-        if not item:
-            continue
-        key, _eq, value = item.partition("=")
-        if key == "table":
-            table = urllib.parse.unquote(value)
-        else:
-            kept.append(item)
-    try:
-        check_table_name(table)
-    except ValueError as exc:
-        raise ValueError(f"{exc} (in {shown})") from None
-    conninfo = urllib.parse.urlunsplit(
-        (parts.scheme, parts.netloc, parts.path, "&".join(kept), parts.fragment))
     try:
         from psycopg.conninfo import conninfo_to_dict
+
+        from mailoutbox.postgresql._conn import parse_url
     except ImportError:  # pragma: no cover - psycopg is installed for tests
-        raise ValueError(f"the PostgreSQL queue {shown} needs psycopg: install"
-                         " mailoutbox[postgresql]") from None
-    try:
-        options = conninfo_to_dict(conninfo)
-    except Exception as exc:  # psycopg.ProgrammingError: libpq refused it
-        reason = str(exc).replace(url, shown).replace(conninfo, shown)
-        raise ValueError(f"invalid PostgreSQL URL {shown}: {reason}") from None
+        raise ValueError(f"the PostgreSQL queue {display(url)} needs psycopg:"
+                         " install mailoutbox[postgresql]") from None
+    # One parser for the store and the delivery (our own parameters, such
+    # as table= and keep_sent=, never reach libpq).
+    parsed = parse_url(url)
+    conninfo, table = parsed.conninfo, parsed.table
+    options = conninfo_to_dict(conninfo)
     return conninfo, table, options
