@@ -24,6 +24,8 @@ def contents(path: str) -> list[tuple[str | None, str, tuple[str, ...], bytes]]:
     view = QueueView(path)
     found = []
     for info in view.select(("queued", "deferred", "sending")):
+        if not info.entry.regular:
+            continue
         fromaddr, toaddrs, message = parse_queue_file(info.maildir.read(info.entry))
         found.append((info.relay, fromaddr, toaddrs, message))
     return sorted(found, key=repr)
@@ -118,3 +120,20 @@ def test_dry_run_and_refusals(source, dest):
     assert cli("move", source, source + "/../source").code == EXIT_USAGE
     result = cli("move", dest, source)
     assert result.code != EXIT_OK and "no queue" in result.err
+
+
+def test_a_destination_without_a_schema_is_refused_before_anything_moves(source):
+    route(source, None, 1)
+    result = cli("move", source, "postgresql://nobody@127.0.0.1:1/none"
+                 "?connect_timeout=2")
+    assert result.code != EXIT_OK and "cannot connect" in result.err
+    assert len(contents(source)) == 1
+
+
+def test_entries_of_the_destination_that_are_not_messages_are_ignored(source,
+                                                                      dest):
+    route(source, None, 1)
+    Maildir(dest, create=True)
+    os.mkdir(os.path.join(dest, "new", "not-a-message"))
+    assert cli("move", source, dest).code == EXIT_OK
+    assert len(contents(dest)) == 1 and contents(source) == []
