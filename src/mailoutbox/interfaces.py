@@ -171,11 +171,19 @@ class IQueuedMailDelivery(IMailDelivery):
     When ``commit()`` of the transaction returns, the message is on disk and
     survives a crash or a power loss.  A separate :class:`IMailQueueProcessor`
     sends it.
+
+    .. versionadded:: 0.1
+       The queue may be a PostgreSQL table, named by a ``postgresql://``
+       URL (an :class:`IQueueStore`): the row is written through the
+       application's own connection (the delivery's ``connection``
+       callable) or through the delivery's own, committed with the
+       transaction.
     """
 
     queuePath = TextLine(
         title="Queue path",
-        description="Path of the Maildir directory used to queue mail.",
+        description="Path of the Maildir directory used to queue mail, or"
+        " the postgresql:// URL of a PostgreSQL queue.",
     )
 
     mailer_names = Attribute(
