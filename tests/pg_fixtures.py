@@ -52,6 +52,16 @@ def pg_url(pg_server):
     return table_url(pg_server)
 
 
+@pytest.fixture
+def pg_store(pg_url):
+    """The store of a fresh queue table, closed after the test."""
+    from mailoutbox.postgresql import open_queue
+
+    store = open_queue(pg_url)
+    yield store
+    store.close()
+
+
 def insert(url_or_store, fromaddr="from@example.com",
            toaddrs=("to@example.com",), message=b"Subject: hi\n\nbody\n",
            relay=None, priority=0, not_before=None, message_id=None,

@@ -18,11 +18,7 @@ pg_server = pg_fixtures.pg_server
 pg_url = pg_fixtures.pg_url
 
 
-@pytest.fixture
-def store(pg_url):
-    store = open_queue(pg_url)
-    yield store
-    store.close()
+store = pg_fixtures.pg_store
 
 
 def state(store, name):
