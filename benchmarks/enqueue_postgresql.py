@@ -38,8 +38,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import enqueue
 from enqueue import filesystem_type
 from enqueue import make_message
+from enqueue import output
 
 
 def _queue(server, table: str) -> str:
@@ -109,12 +111,7 @@ def own_contender(server):
         messages = [make_message(n) for n in range(count)]
         with manager:
             delivery.send("bench@example.org", ["rcpt@example.org"], messages[0])
-        timings = []
-        for data in messages:
-            start = time.perf_counter()
-            delivery.send("bench@example.org", ["rcpt@example.org"], data)
-            manager.commit()
-            timings.append(time.perf_counter() - start)
+        timings = timed_sends(delivery, manager, messages)
         delivery.postgresql.close()
         return timings
     return run
@@ -127,6 +124,11 @@ def maildir_contender(folder: str, count: int) -> list[float]:
     manager = transaction.TransactionManager()
     delivery = QueuedMailDelivery(os.path.join(folder, "queue"), manager)
     messages = [make_message(n) for n in range(count)]
+    return timed_sends(delivery, manager, messages)
+
+
+def timed_sends(delivery, manager, messages: list[bytes]) -> list[float]:
+    """Seconds of each transaction that sends one of *messages*."""
     timings = []
     for data in messages:
         start = time.perf_counter()
@@ -137,20 +139,10 @@ def maildir_contender(folder: str, count: int) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=1000,
-                        help="transactions per run (default: %(default)s)")
-    parser.add_argument("--runs", type=int, default=3,
-                        help="runs per contender; the median is shown"
-                             " (default: %(default)s)")
-    parser.add_argument("--dir", default=os.getcwd(),
-                        help="folder on the disk to measure, not tmpfs"
-                             " (default: the current folder)")
+    parser = enqueue.build_parser()
+    parser.description = __doc__.splitlines()[0]
+    parser.set_defaults(messages=1000)  # each in a transaction of its own
     return parser
-
-
-def output(line: str = "") -> None:
-    print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,18 @@ def report(name: str, latencies: list[float]) -> None:
           f"  p95 {p95:7.1f} ms  max {ms[-1]:7.1f} ms", flush=True)
 
 
+def report_idle(label: str, pid: int, seconds: float) -> None:
+    """Print the share of a core the idle process *pid* uses over
+    *seconds* (after a second to settle)."""
+    time.sleep(1.0)
+    before, started = cpu_ticks(pid), time.monotonic()
+    time.sleep(seconds)
+    used = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK")
+    share = used / (time.monotonic() - started) * 100
+    print(f"idle     {label} CPU {share:.2f} % of a core over"
+          f" {seconds:.0f} s ({used:.2f} s)", flush=True)
+
+
 def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -169,13 +181,7 @@ def main() -> None:
                     report("daemon", measure(queue, recorder, "daemon",
                                              args.messages, args.spacing))
                 if "idle" in args.only:
-                    time.sleep(1.0)
-                    before, started = cpu_ticks(proc.pid), time.monotonic()
-                    time.sleep(args.idle)
-                    used = (cpu_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK")
-                    share = used / (time.monotonic() - started) * 100
-                    print(f"idle     daemon CPU {share:.2f} % of a core over"
-                          f" {args.idle:.0f} s ({used:.2f} s)", flush=True)
+                    report_idle("daemon", proc.pid, args.idle)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ sys.path.insert(0, HERE)
 
 from _servers import postgresql_server  # noqa: E402
 from latency import Recorder  # noqa: E402
-from latency import cpu_ticks  # noqa: E402
 from latency import daemon  # noqa: E402
 from latency import measure  # noqa: E402
 from latency import report  # noqa: E402
+from latency import report_idle  # noqa: E402
 
 TABLE = "mail_queue"
 
@@ -134,13 +134,7 @@ def main() -> None:
                 if "postgresql" in args.only:
                     report("pg", commit("pg", args.messages, args.spacing))
                 if "idle" in args.only:
-                    time.sleep(1.0)
-                    before, started = cpu_ticks(proc.pid), time.monotonic()
-                    time.sleep(args.idle)
-                    used = (cpu_ticks(proc.pid) - before) / os.sysconf("SC_CLK_TCK")
-                    share = used / (time.monotonic() - started) * 100
-                    print(f"idle     pg daemon CPU {share:.2f} % of a core over"
-                          f" {args.idle:.0f} s ({used:.2f} s)", flush=True)
+                    report_idle("pg daemon", proc.pid, args.idle)
         if "maildir" in args.only:
             queue = os.path.join(tmp, "maildir")
             Maildir(queue, create=True)
