@@ -44,7 +44,6 @@ from mailoutbox.cli.errors import CLIError
 from mailoutbox.cli.view import WAITING
 from mailoutbox.cli.view import QueueView
 from mailoutbox.cli.view import clean
-from mailoutbox.cli.view import open_queue
 from mailoutbox.envelope import parse_queue_file
 from mailoutbox.maildir import DEFAULT_LEASE
 from mailoutbox.message import prepare_message
@@ -88,17 +87,21 @@ def _key(fromaddr: str, toaddrs: tuple[str, ...], message: bytes) -> str:
     return digest.hexdigest()
 
 
-def _present(dest: str) -> set[str]:
-    """The keys of the messages already in the queue at *dest* (none if
-    there is no queue there yet)."""
+def _destination(dest: str) -> QueueView | None:
+    """The queue at *dest*; None for a folder that is no queue yet (the
+    delivery makes it)."""
     try:
-        view = QueueView(dest)
+        return QueueView(dest)
     except CLIError:
         if is_url(dest):
             raise
-        return set()
+        return None
+
+
+def _present(view: QueueView | None) -> set[str]:
+    """The keys of the messages already in the queue of *view*."""
     keys = set()
-    for info in view.messages:
+    for info in view.messages if view is not None else ():
         head = info.head
         if head.problem:
             continue
@@ -111,16 +114,15 @@ def _present(dest: str) -> set[str]:
 def move(args: argparse.Namespace, console: Console) -> int:
     from mailoutbox.delivery import QueuedMailDelivery
 
-    if args.source == args.dest:
-        raise CLIError("SOURCE and DEST are the same queue")
     source = QueueView(args.source)
-    if open_queue(args.source).key == _dest_key(args.dest):
+    target = _destination(args.dest)
+    if target is not None and target.maildir.key == source.maildir.key:
         raise CLIError("SOURCE and DEST are the same queue")
     waiting = source.select(WAITING)
     if args.dry_run:
         console.out(f"{len(waiting)} message(s) would be moved")
         return EXIT_OK
-    present = _present(args.dest)
+    present = _present(target)
     delivery = QueuedMailDelivery(args.dest, mailers=set(source.relays),
                                   transaction_manager=transaction.TransactionManager())
     # A Maildir claim is broken when older than *lease*: not before the
@@ -185,13 +187,6 @@ def _renewing(claim: Any, lease: float) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-
-
-def _dest_key(dest: str) -> str | None:
-    try:
-        return str(open_queue(dest).key)
-    except CLIError:
-        return None
 
 
 def _made_id(name: str) -> str:
