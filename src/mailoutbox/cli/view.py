@@ -75,7 +75,8 @@ def open_queue(path: str) -> Any:
         try:
             return open_store(path)
         except ValueError as exc:  # unreachable (4), else bad URL or schema (2)
-            code = EXIT_ERROR if type(exc).__name__ == "ConnectError" else EXIT_USAGE
+            from mailoutbox.postgresql import ConnectError
+            code = EXIT_ERROR if isinstance(exc, ConnectError) else EXIT_USAGE
             raise CLIError(str(exc), code) from None
     try:
         return Maildir(path)
